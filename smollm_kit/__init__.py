@@ -1,12 +1,7 @@
-__version__ = "0.1.0"
+"""Train a ~600M SmolLM-style language model end to end (pretrain, SFT, DPO, RLVR) on one GPU, notebook first.
 
-from .config import load_config, Config, ConfigError
+Modules:
 
-_lazy = {'pretrain': 'pretrain', 'load_model': 'export', 'export_hf': 'export', 'generate': 'generate'}
-
-def __getattr__(name):
-    "Import the heavier entry points only when they are first used, so `import smollm_kit` stays fast."
-    if name in _lazy:
-        import importlib
-        return getattr(importlib.import_module(f'.{_lazy[name]}', __name__), name)
-    raise AttributeError(f"module 'smollm_kit' has no attribute {name!r}")
+- `smollm_kit.export`: Write a checkpoint as a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as SmolLM3, and load SmolLM3 / Llama directories (or our own checkpoints) back into the kit.
+- `smollm_kit.generate`: Sampling from a trained model: a KV cache, batched prompts, greedy / temperature / top-k / top-p, stop conditions, streaming, a REPL and the `smollm generate` command.
+- `smollm_kit.model`: A SmolLM3-style decoder: RMSNorm, SwiGLU, GQA, hybrid RoPE/NoPE, tied embeddings, document-causal attention behind three interchangeable kernels, a loss that never holds the full fp32 logits, and a KV cache."""
