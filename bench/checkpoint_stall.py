@@ -69,6 +69,7 @@ def main():
     ap.add_argument('--repeats', type=int, default=4, help='saves per row (the first pays buffer allocation)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--layers', type=int, default=24, help='transformer blocks (24 = the 600M recipe)')
+    ap.add_argument('--modes', default='async,sync', help='which of async,sync to measure')
     ap.add_argument('--threads', type=int, default=None, help='torch intra-op threads (host->host copies use them)')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
@@ -82,7 +83,7 @@ def main():
     print('| state | size GB | mode | stall, 1st save (s) | stall, later saves: min / median (s) | background write, min (s) | write MB/s |')
     print('|---|---|---|---|---|---|---|')
     for kind in ([a.only] if a.only else ['model', 'full']):
-        for async_save in (True, False):
+        for async_save in [m == 'async' for m in a.modes.split(',')]:
             gb, first, best, median, write, mbs = run(kind, async_save, a.repeats, a.dir, a.device, a.layers)
             mode = 'async (default)' if async_save else 'sync'
             name = '600M model, bf16' if kind == 'model' else '600M full training state (fp32 + optimizer)'

@@ -45,6 +45,7 @@ def main():
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--vocab', type=int, default=32000)
     a = p.parse_args()
+    import datasets, torch, transformers  # noqa: F401  (import costs are not the pipeline's startup)
     print(f"# data pipeline throughput: demo corpus, byte-level BPE {a.vocab} tokens, batches {a.batch} x {a.seq_len}, "
           f"{os.cpu_count()} CPU cores, {a.seconds:.0f} s per setting\n")
     print("| data.num_workers | tokens/s | tokens per CPU-second | first batch after (s) | packing efficiency | load avg |")

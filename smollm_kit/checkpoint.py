@@ -91,8 +91,10 @@ def snapshot(x,                      # nested state: dicts, lists, tuples, tenso
              pin:bool=True,          # copy CUDA tensors into pinned host memory
             )->tuple[Any, dict]:
     "Host-memory copy of nested state `x`, plus the buffer pool to pass to the next call."
-    new_pool = {} if new_pool is None else new_pool
-    out = _snapshot(x, where, pool or {}, new_pool, pin)
+    new_pool, n = {} if new_pool is None else new_pool, torch.get_num_threads()
+    torch.set_num_threads(1)  # a memcpy gains little from OpenMP, and loses 3-5x when the cores are oversubscribed
+    try: out = _snapshot(x, where, pool or {}, new_pool, pin)
+    finally: torch.set_num_threads(n)
     if torch.cuda.is_initialized(): torch.cuda.synchronize()  # wait for the non_blocking device->host copies
     return out, new_pool
 

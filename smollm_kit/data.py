@@ -11,7 +11,7 @@ import tempfile, threading, multiprocessing as mp
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 import numpy as np
 from .config import Config, ConfigError, DomainConfig, SourceConfig
@@ -163,37 +163,51 @@ def demo_corpus(cache_dir:str|None=None # `data.cache_dir`
 BOS, EOS, PAD = '<s>', '</s>', '<pad>'
 SPECIAL_TOKENS = [BOS, EOS, PAD, '<|im_start|>', '<|im_end|>']
 
-def _read_text_file(p:Path)->list[str]:
-    "Texts in a file: one per line's 'text' for .jsonl, the whole file otherwise."
+_BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}  # suffix → datasets builder
+
+def _read_text_file(p:Path, text_field:str='text')->list[str]:
+    "Texts in a file: `text_field` of each line (.jsonl/.json) or row (.parquet), else the whole file."
+    if p.suffix == '.parquet':
+        import pyarrow.parquet as pq
+        cols = pq.read_schema(p).names
+        if text_field not in cols: raise DataError(f"{p}: no column {text_field!r} (columns: {', '.join(cols)})")
+        return [t for t in pq.read_table(p, columns=[text_field]).column(text_field).to_pylist() if isinstance(t, str)]
     try: raw = p.read_text(encoding='utf-8')
     except UnicodeDecodeError as e: raise DataError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if p.suffix in ('.jsonl', '.json'):
-        return [json.loads(l)['text'] for l in raw.splitlines() if l.strip()]
-    return [raw]
+    if p.suffix not in ('.jsonl', '.json'): return [raw]
+    out = []
+    for i, line in enumerate(raw.splitlines()):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except json.JSONDecodeError as e: raise DataError(f"{p}:{i+1}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or text_field not in rec: raise DataError(f"{p}:{i+1}: no field {text_field!r}")
+        if isinstance(rec[text_field], str): out.append(rec[text_field])
+    return out
 
-def _texts(files_or_texts)->list[str]:
+def _texts(files_or_texts, text_field:str='text')->list[str]:
     "Paths (Path objects, or strings naming existing files) are read; other strings are texts."
     out = []
     for x in files_or_texts:
         if isinstance(x, Path) or (isinstance(x, str) and len(x) < 4096 and '\n' not in x and os.path.isfile(x)):
             p = Path(x)
             if not p.is_file(): raise DataError(f"{p}: no such file")
-            out += _read_text_file(p)
+            out += _read_text_file(p, text_field)
         elif isinstance(x, str): out.append(x)
         else: raise DataError(f"train_tokenizer: expected file paths or strings, got {type(x).__name__}")
-    return [t for t in out if t]
+    return [t for t in out if t.strip()]
 
 # %% ../nbs/02_data.ipynb #c022
-def train_tokenizer(files_or_texts:Iterable[str|Path], # text files (.txt: whole file, .jsonl: 'text' per line) or the texts
+def train_tokenizer(files_or_texts:Iterable[str|Path], # files (.txt: one text; .jsonl/.parquet: one per line/row) or texts
                     vocab_size:int,                     # vocabulary size, special tokens included
                     out_dir:str|Path,                   # where tokenizer.json and tokenizer_config.json are written
+                    text_field:str='text',              # the field holding the text in .jsonl/.parquet files
                    ):
     "Train a deterministic byte-level BPE tokenizer and save it so `AutoTokenizer.from_pretrained(out_dir)` loads it."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"vocab_size: a byte-level BPE needs at least {256+len(SPECIAL_TOKENS)} tokens, got {vocab_size}")
-    texts = _texts(files_or_texts)
+    texts = _texts(files_or_texts, text_field)
     if not texts: raise DataError("train_tokenizer: no text to train on (no files, or all empty)")
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -212,23 +226,28 @@ def train_tokenizer(files_or_texts:Iterable[str|Path], # text files (.txt: whole
     return AutoTokenizer.from_pretrained(out)
 
 # %% ../nbs/02_data.ipynb #c025
-def tokenizer_main(argv:list[str]|None=None # command-line arguments after `smollm tokenizer`
-                  )->int:
-    "`smollm tokenizer train --input FILE_OR_GLOB... --vocab-size N --out DIR`: train a byte-level BPE tokenizer."
+def _tokenizer_parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='smollm tokenizer', description='Tokenizer tools.')
-    sub = p.add_subparsers(dest='cmd', required=True)
+    sub = p.add_subparsers(dest='tok_command', required=True)
     t = sub.add_parser('train', help='train a byte-level BPE tokenizer on local text files')
-    t.add_argument('--input', nargs='+', required=True, help='.txt/.jsonl files, directories or globs')
-    t.add_argument('--vocab-size', type=int, required=True, help='vocabulary size, special tokens included')
+    t.add_argument('files', nargs='+', help='text files (txt, jsonl, parquet), directories or globs')
+    t.add_argument('--vocab-size', type=int, default=32000, help='vocabulary size, special tokens included')
     t.add_argument('--out', required=True, help='output directory (AutoTokenizer-loadable)')
-    a = p.parse_args(argv)
+    t.add_argument('--text-field', default='text', help='field holding the text in jsonl/parquet files')
+    return p
+
+def tokenizer_main(args:argparse.Namespace|list[str]|None=None # parsed `smollm tokenizer` arguments, or argv after `tokenizer`
+                  )->int:
+    "`smollm tokenizer train FILE... --vocab-size N --out DIR [--text-field F]`: train a byte-level BPE tokenizer."
+    if not isinstance(args, argparse.Namespace): args = _tokenizer_parser().parse_args(args)
     files = []
-    for x in a.input:
-        found = sorted(q for q in Path(x).rglob('*') if q.is_file()) if Path(x).is_dir() else [Path(q) for q in sorted(glob.glob(x))]
-        if not found: raise DataError(f"--input {x}: no such file, directory or matching files")
+    for x in args.files:
+        found = (sorted(q for q in Path(x).rglob('*') if q.is_file() and q.suffix in _BUILDERS) if Path(x).is_dir()
+                 else [Path(q) for q in sorted(glob.glob(x)) if os.path.isfile(q)])
+        if not found: raise DataError(f"{x}: no such file, directory or matching files")
         files += found
-    tok = train_tokenizer(files, a.vocab_size, a.out)
-    print(f"wrote {a.out}: {len(tok)} tokens from {len(files)} file(s)")
+    tok = train_tokenizer(files, args.vocab_size, args.out, args.text_field)
+    print(f"wrote {args.out}: {len(tok)} tokens from {len(files)} file(s)")
     return 0
 
 # %% ../nbs/02_data.ipynb #c028
@@ -300,8 +319,6 @@ def load_tokenizer(cfg:Config # uses data.tokenizer, data.cache_dir, model.vocab
     return tok
 
 # %% ../nbs/02_data.ipynb #c033
-_BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
-
 def _local_files(path:str, where:str)->tuple[str, list[str]]:
     "The files a local source names (file, directory or glob) and the `datasets` builder that reads them."
     p = Path(path).expanduser()
@@ -341,7 +358,8 @@ def open_source(src:SourceConfig,       # the source
         builder, kw['name'] = src.path, src.name
     else: raise ConfigError(f"{where}.kind: expected hub, local or demo, got {src.kind!r}")
     if files: kw['data_files'] = files
-    try: ds = datasets.load_dataset(builder, split=src.split, streaming=True, **kw)
+    split = src.split if src.kind == 'hub' else 'train'  # local files form one split, 'train'
+    try: ds = datasets.load_dataset(builder, split=split, streaming=True, **kw)
     except Exception as e:  # re-raised with the source named; nothing is swallowed
         raise DataError(f"{where}: cannot open {src.kind} dataset {src.path!r} (name={src.name}, split={src.split}): "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -671,7 +689,7 @@ class PretrainData:
         self._counts, self._rows, self._targets = [0]*len(self.names), [0]*len(self.names), 0  # mixture counters, rows, targets
         doms = [{'name': dom.name, 'sources': [dataclasses.asdict(s) for s in dom.sources]} for dom in d.domains]
         self.setup = {'domains': json.dumps(doms, sort_keys=True),
-                      'seq_len': self.T, 'micro_batch_size': self.B, 'eval_batches': cfg.train.eval_batches,
+                      'seq_len': self.T, 'micro_batch_size': self.B,
                       'val_docs': d.val_docs, 'add_bos': d.add_bos, 'add_eos': d.add_eos,
                       'tokenizer': hashlib.sha256(tk.to_str().encode()).hexdigest()[:16], 'rank': rank, 'world_size': world_size}
         self._feeder = Feeder(readers, [n for n, w in zip(self.names, self.weights) if w > 0], tk, bos, eos, d.num_workers)
@@ -717,7 +735,7 @@ class PretrainData:
         "The exact position: python primitives and tensors only (safe for `torch.load(weights_only=True)`)."
         import torch
         return copy.deepcopy({'version': 1, 'setup': self.setup, 'weights': list(self.weights), 'counts': list(self._counts),
-                'rows': list(self._rows), 'targets': self._targets,
+                'rows': list(self._rows), 'targets': self._targets, 'eval_batches': self.cfg.train.eval_batches,
                 'domains': {n: {'carry': torch.from_numpy(p.carry.astype(np.int64)), 'reader': p.snap, 'docs': p.docs}
                             for n, p in self._packers.items()}})
 
@@ -730,6 +748,9 @@ class PretrainData:
             what = '; '.join(f"{k}: {old.get(k)!r} then, {self.setup[k]!r} now" if k != 'domains' else 'data.domains changed' for k in diff)
             raise DataError(f"data state: saved with a different {', '.join(diff)} ({what}); the position cannot be carried over")
         self._counts, self._rows, self._targets = list(sd['counts']), list(sd['rows']), sd['targets']
+        if sd['eval_batches'] < self.cfg.train.eval_batches:
+            log.warning(f"data: train.eval_batches grew from {sd['eval_batches']} to {self.cfg.train.eval_batches}; the validation "
+                        "sets now reach further into each domain and may hold documents this run has already trained on")
         if list(sd['weights']) != self.weights:  # a new stage of the mix: documents go on, the row balance starts afresh
             log.info(f"data: domain weights changed from {sd['weights']} to {self.weights}; the mixture restarts from here")
             self._counts = [0]*len(self.names)

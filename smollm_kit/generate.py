@@ -206,7 +206,7 @@ def interactive(model:SmolLM, tokenizer,
 def add_generate_args(parser:argparse.ArgumentParser)->argparse.ArgumentParser:
     "Add the `smollm generate` options to `parser`."
     parser.add_argument('--checkpoint', required=True, help='checkpoint directory, run directory or exported HF directory')
-    parser.add_argument('--prompt', default=None, help='text to continue (with --interactive: the first turn)')
+    parser.add_argument('--prompt', action='append', default=[], help='text to continue (repeatable; with --interactive: the first turns)')
     parser.add_argument('--interactive', action='store_true', help='read prompts from the terminal until exit/Ctrl-D')
     parser.add_argument('--max-new-tokens', type=int, default=128, help='tokens to generate per reply')
     parser.add_argument('--temperature', type=float, default=0.7, help='0 = greedy')
@@ -214,27 +214,32 @@ def add_generate_args(parser:argparse.ArgumentParser)->argparse.ArgumentParser:
     parser.add_argument('--top-p', type=float, default=0.9, help='nucleus sampling threshold (1 = off)')
     parser.add_argument('--seed', type=int, default=None, help='seed for reproducible sampling')
     parser.add_argument('--stop', action='append', default=None, help='stop string (repeatable)')
-    parser.add_argument('--device', default=None, help="'cpu', 'cuda', ... (default: cuda if available)")
+    parser.add_argument('--device', default='auto', help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     return parser
 
 def generate_main(args:argparse.Namespace, # parsed `smollm generate` options (see `add_generate_args`)
                   input_fn:Callable[[str], str]=input, # where --interactive reads lines
                  )->int:
-    "Run `smollm generate`: stream a continuation of --prompt, or chat with --interactive; returns the exit code."
-    prompt, interactive_ = getattr(args, 'prompt', None), getattr(args, 'interactive', False)
-    if not prompt and not interactive_: raise ValueError("generate: give --prompt TEXT or --interactive")
+    "Run `smollm generate`: print continuations of the prompts, or chat with --interactive; returns the exit code."
+    prompts = getattr(args, 'prompt', None) or []
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts and not getattr(args, 'interactive', False): raise ValueError("generate: give --prompt TEXT or --interactive")
     from smollm_kit.export import load_model
     model, tokenizer = load_model(args.checkpoint)
-    device = getattr(args, 'device', None) or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if tokenizer is None: raise ValueError(f"generate: {args.checkpoint} has no tokenizer to turn text into token ids")
+    device = getattr(args, 'device', None)
+    if device in (None, 'auto'): device = 'cuda' if torch.cuda.is_available() else 'cpu'
     model = model.to(device).eval()
     kw = dict(max_new_tokens=getattr(args, 'max_new_tokens', 128), temperature=getattr(args, 'temperature', 0.7),
               top_k=getattr(args, 'top_k', None), top_p=getattr(args, 'top_p', 0.9), seed=getattr(args, 'seed', None),
               stop=getattr(args, 'stop', None))
-    if interactive_:
-        first = [prompt] if prompt else []
+    if getattr(args, 'interactive', False):
+        first = list(reversed(prompts))
         interactive(model, tokenizer, lambda p: first.pop() if first else input_fn(p), **kw)
-    else:
-        print(prompt, end='', flush=True)
-        generate(model, tokenizer, prompt, stream=True, **kw)
+    elif len(prompts) == 1:
+        print(prompts[0], end='', flush=True)
+        generate(model, tokenizer, prompts[0], stream=True, **kw)
         print()
+    else:
+        for p, out in zip(prompts, generate(model, tokenizer, prompts, **kw)): print(p + out, end='\n\n')
     return 0

@@ -240,7 +240,7 @@ def check_inputs(cfg:ModelConfig,                # the model's config
         if n > cache.max_len: raise ValueError(f"input_ids: {n} tokens do not fit the KV cache (max_len={cache.max_len})")
     V = cfg.vocab_size
     bad = ((labels != -100) & ((labels < 0) | (labels >= V))).sum() if labels is not None else input_ids.new_zeros(())
-    lo, hi, nbad = torch.stack([input_ids.min(), input_ids.max(), bad.to(input_ids.dtype)]).tolist()  # one host sync
+    lo, hi, nbad = torch.stack([input_ids.min().long(), input_ids.max().long(), bad.long()]).tolist()  # one host sync
     if lo < 0 or hi >= V: raise ValueError(f"input_ids: token id {lo if lo < 0 else hi} is out of range [0, {V}) (model.vocab_size)")
     if nbad: raise ValueError(f"labels: {nbad} values are neither -100 (ignore) nor a token id in [0, {V})")
 
@@ -321,6 +321,10 @@ class SmolLM(nn.Module):
     def attn_backend(self)->str:
         "The attention backend used on the model's current device (`pick_attn_backend` says why)."
         return pick_attn_backend(self.cfg.attn_backend, self.device)[0]
+    @property
+    def attn_backend_reason(self)->str:
+        "Why `attn_backend` was chosen on the current device."
+        return pick_attn_backend(self.cfg.attn_backend, self.device)[1]
 
     def new_cache(self, batch_size:int, max_len:Optional[int]=None)->KVCache:
         "An empty KV cache for `batch_size` rows of up to `max_len` tokens (default: model.max_seq_len)."

@@ -111,7 +111,7 @@ class MuonAdamW:
         "The parameter-group table."
         return format_param_table(self.rows)
 
-    def __repr__(self): return 'MuonAdamW(' + ', '.join(f"{g['name']}: {len(g['params'])} tensors" for g in self.param_groups) + ')'
+    def __repr__(self): return 'MuonAdamW(' + ', '.join(f"{g['name']}: {len(g['params'])} tensor(s)" for g in self.param_groups) + ')'
 
 # %% ../nbs/03_optim.ipynb #c017
 def newton_schulz(g:torch.Tensor,   # 2-D update to orthogonalise

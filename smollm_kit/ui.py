@@ -13,7 +13,7 @@ import ipywidgets as W
 from IPython.display import display, HTML, Image
 from IPython.core.interactiveshell import InteractiveShell
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 from .config import Config, ConfigError, load_config, list_presets, parse_override
 from .monitor import detect_gpu, estimate, format_estimate, hardware, in_colab, run_length
 from .checkpoint import verify_checkpoint
@@ -369,12 +369,14 @@ class LivePlot:
     "Training callback drawing loss, LR, throughput and cost in one figure updated in place."
     def __init__(self,
                  total:int|Config|None=None, # steps the run will take (or its config), for the progress line
-                 min_interval:float=2.0,      # seconds between redraws
+                 min_interval:float=2.0,      # seconds between redraws, at least
+                 max_overhead:float=0.05,     # fraction of the time that drawing may take, at most
                  show:bool|None=None,         # display in the notebook; None: when running under IPython
                  clock:Callable[[], float]=time.monotonic, # time source (tests pass a fake one)
                 ):
         self.total = total_steps(total) if isinstance(total, Config) else total
-        self.min_interval, self.clock = min_interval, clock
+        self.min_interval, self.max_overhead, self.clock = min_interval, max_overhead, clock
+        self._wait = min_interval
         self.show = InteractiveShell.initialized() if show is None else show
         self.series:dict[str, dict[int, float]] = {}
         self.events:list[dict] = []
@@ -390,6 +392,7 @@ class LivePlot:
         for ax, title, ylabel in ((self.ax_loss, 'loss', 'loss'), (self.ax_lr, 'learning rate', 'lr'),
                                   (self.ax_tps, 'throughput', 'tokens/s'), (self.ax_cost, 'cost', 'US$')):
             ax.set_title(title); ax.set_ylabel(ylabel); ax.set_xlabel('step'); ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.ax_mfu.set_ylabel('MFU', color='C1'); self.ax_tps.set_ylabel('tokens/s', color='C0')
         self.ax_mfu.yaxis.set_major_formatter(PercentFormatter(xmax=1))
         self.ax_loss.legend(loc='upper right')
@@ -405,7 +408,7 @@ class LivePlot:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v): self.series.setdefault(k, {})[s] = float(v)
         else: return
         self._dirty = True
-        if self.clock() - self._last >= self.min_interval: self.draw()
+        if self.clock() - self._last >= self._wait: self.draw()
 
     def truncate(self, step:int):
         "Forget every point after `step` (a resume from that step will log them again)."
@@ -422,31 +425,34 @@ def _fmt(v:Optional[float], spec:str, none:str='–')->str: return none if v is 
 
 @patch_to(LivePlot)
 def status_html(self:LivePlot)->str:
-    "One line: a progress bar and the latest numbers."
+    "One line of the latest numbers (the trainer's tqdm bar is the progress bar)."
 
     steps = [max(d) for d in self.series.values() if d]
     step = max(steps, default=0)
     frac = min(step / self.total, 1.0) if self.total else None
-    bar = f"<progress value='{step}' max='{self.total}' style='width:240px'></progress> " if self.total else ''
     parts = [f"step {step:,}" + (f" / {self.total:,} ({frac:.0%})" if self.total else ''),
              f"{_fmt(self.last('tokens'), ',.0f')} tokens", f"loss {_fmt(self.last('train/loss'), '.3f')}",
              f"val {_fmt(self.last('val/loss'), '.3f')}", f"{_fmt(self.last('perf/tokens_per_sec'), ',.0f')} tokens/s",
              f"${_fmt(self.last('cost/usd_spent'), ',.2f')} spent", f"ETA {_fmt(self.last('cost/eta_hours'), '.2f')} h"]
-    return f"<div style='font-family:monospace'>{bar}{' · '.join(parts)}</div>"
+    return f"<div style='font-family:monospace'>{' · '.join(parts)}</div>"
 
 @patch_to(LivePlot)
 def draw(self:LivePlot):
     "Redraw the figure from the series and update the displayed image in place."
+    t0 = self.clock()
     for k, ln in self.lines.items():
         d = self.series.get(k, {})
         xs = sorted(d); ln.set_data(xs, [d[x] for x in xs])
     for ax in (self.ax_loss, self.ax_lr, self.ax_tps, self.ax_mfu, self.ax_cost): ax.relim(); ax.autoscale_view()
+    self.ax_cost.set_ylim(bottom=0)
+    self.ax_mfu.set_visible(bool(self.series.get('perf/mfu')))  # no MFU without a known peak (CPU, unknown GPU)
     spent, eta = self.last('cost/usd_spent'), self.last('cost/eta_hours')
     self.ax_cost.set_title(f"cost: ${_fmt(spent, ',.2f')} spent, ETA {_fmt(eta, '.2f')} h")
     self.ax_loss.set_title(f"loss: train {_fmt(self.last('train/loss'), '.3f')}, val {_fmt(self.last('val/loss'), '.3f')}")
     self.ax_tps.set_title(f"throughput: {_fmt(self.last('perf/tokens_per_sec'), ',.0f')} tokens/s, MFU {_fmt(self.last('perf/mfu'), '.1%')}")
     buf = io.BytesIO(); self.fig.savefig(buf, format='png')
     self.png, self.n_draws, self._last, self._dirty = buf.getvalue(), self.n_draws + 1, self.clock(), False
+    self._wait = max(self.min_interval, (self._last - t0) / self.max_overhead)
     if not self.show: return
     outs = HTML(self.status_html()), Image(data=self.png, format='png')
     if self._handles is None: self._handles = [display(o, display_id=True) for o in outs]

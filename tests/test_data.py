@@ -1,7 +1,6 @@
 "Data pipeline: tokenizer, demo corpus, sources, packing, mixture, exact resume, ranks, workers, bad input."
 import io, json, logging, os, random, signal, subprocess, sys, time
-from pathlib import Path
-import numpy as np, pytest, torch
+import pytest, torch
 import datasets
 import smollm_kit.data as D
 from smollm_kit.config import ConfigError, load_config
@@ -131,8 +130,14 @@ def test_train_tokenizer_deterministic_and_loadable(tmp_path):
     s = "Ünïcödé 🦙 never seen: ∮ ∂x 漢字"
     assert tk.decode(tk(s, add_special_tokens=False).input_ids) == s  # byte-level: anything round-trips
     assert json.loads((tmp_path/'t1'/'tokenizer_config.json').read_text())['tokenizer_class'] == 'PreTrainedTokenizerFast'
-    assert D.tokenizer_main(['train', '--input', str(tmp_path/'*.jsonl'), '--vocab-size', '300', '--out', str(tmp_path/'cli')]) == 0
+    assert D.tokenizer_main(['train', str(tmp_path/'*.jsonl'), '--vocab-size', '300', '--out', str(tmp_path/'cli')]) == 0
     assert AutoTokenizer.from_pretrained(tmp_path/'cli').eos_token == '</s>'
+    import argparse, pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.table({'body': make_docs(100)}), tmp_path/'p.parquet')
+    ns = argparse.Namespace(tok_command='train', files=[str(tmp_path/'p.parquet')], vocab_size=300, out=str(tmp_path/'pq'), text_field='body')
+    assert D.tokenizer_main(ns) == 0 and len(AutoTokenizer.from_pretrained(tmp_path/'pq')) > 261  # the CLI's parsed arguments
+    ns.text_field = 'text'
+    with pytest.raises(DataError, match="p.parquet: no column 'text'"): D.tokenizer_main(ns)
     with pytest.raises(DataError, match='no text'): train_tokenizer([''], 300, tmp_path/'t3')
 
 def test_load_tokenizer_checks(tok_dir, monkeypatch, tmp_path):
@@ -254,11 +259,18 @@ def test_state_dict_is_primitives_and_tensors_only(mixed, tok):
     check(sd)
     assert roundtrip(sd)['counts'] == sd['counts']
 
-def test_resume_with_a_different_setup_is_refused(tmp_path, tok_dir, tok):
-    cfg = make_cfg(tok_dir, one_domain(write_jsonl(tmp_path/'d.jsonl', make_docs(40))))
-    with PretrainData(cfg, tok) as a: sd = a.state_dict()
+def test_resume_with_a_different_setup_is_refused(tmp_path, tok_dir, tok, caplog):
+    p = write_jsonl(tmp_path/'d.jsonl', make_docs(40))
+    cfg = make_cfg(tok_dir, one_domain(p))
+    with PretrainData(cfg, tok) as a: batches(a, 2); sd = a.state_dict(); nxt = a.next_batch()
     with PretrainData(cfg, tok, rank=0, world_size=2) as b:
         with pytest.raises(DataError, match='world_size: 1 then, 2 now'): b.load_state_dict(sd)
+    with PretrainData(make_cfg(tok_dir, one_domain(p), seq_len=16), tok) as b:
+        with pytest.raises(DataError, match='seq_len: 32 then, 16 now'): b.load_state_dict(sd)
+    with caplog.at_level(logging.WARNING, logger='smollm_kit.data'):  # safe to change (checkpoint.SAFE_RESUME_CHANGES)
+        with PretrainData(make_cfg(tok_dir, one_domain(p), eval_batches=3), tok) as b:
+            b.load_state_dict(sd); assert_same([nxt], [b.next_batch()])
+    assert any('eval_batches grew from 2 to 3' in r.message for r in caplog.records)
 
 def test_a_new_mix_resumes_every_domain_where_it_was(tmp_path, tok_dir, tok):
     a, b = write_jsonl(tmp_path/'a.jsonl', make_docs(50, seed=1)), write_jsonl(tmp_path/'b.jsonl', make_docs(50, seed=2))

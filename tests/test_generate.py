@@ -271,6 +271,23 @@ def test_generate_main_interactive(fake_export, tok, capsys):
     for p in ('hello', 'the cat'): assert generate(fake_export, tok, p, max_new_tokens=5, temperature=0)[0] in out
 
 
+def test_generate_main_several_prompts_and_lead_style_args(fake_export, tok, capsys):
+    "The CLI's own parser may use other defaults ('auto' device, a list of prompts, no --stop): all accepted."
+    args = argparse.Namespace(checkpoint='ckpt', prompt=['the cat', 'hello'], interactive=False, max_new_tokens=6,
+                              temperature=0.0, top_k=None, top_p=None, seed=0, device='auto')
+    assert generate_main(args) == 0
+    outs = generate(fake_export, tok, ['the cat', 'hello'], max_new_tokens=6, temperature=0)
+    assert capsys.readouterr().out == f"the cat{outs[0]}\n\nhello{outs[1]}\n\n"
+
+
+def test_generate_main_without_tokenizer(monkeypatch):
+    mod = types.ModuleType('smollm_kit.export')
+    mod.load_model = lambda path: (tiny_model(), None)
+    monkeypatch.setitem(sys.modules, 'smollm_kit.export', mod)
+    with pytest.raises(ValueError, match='has no tokenizer'):
+        generate_main(argparse.Namespace(checkpoint='ckpt', prompt=['x']))
+
+
 def test_generate_main_needs_prompt_or_interactive():
     with pytest.raises(ValueError, match='give --prompt TEXT or --interactive'):
-        generate_main(argparse.Namespace(checkpoint='x', prompt=None, interactive=False))
+        generate_main(argparse.Namespace(checkpoint='x', prompt=[], interactive=False))

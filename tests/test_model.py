@@ -206,7 +206,7 @@ def test_pick_attn_backend():
     with pytest.raises(ValueError, match="expected one of"): pick_attn_backend('xformers', 'cpu')
     name, reason = pick_attn_backend('auto', 'cpu')
     assert 'flash' in reason and 'flex' in reason  # says why the faster ones were not picked
-    assert model().attn_backend == 'sdpa'
+    assert model().attn_backend == 'sdpa' and model().attn_backend_reason == reason
 
 
 @pytest.mark.skipif(HAS_FLASH, reason='flash_attn is installed')
