@@ -535,11 +535,12 @@ class GracefulInterrupt:
 SAFE_RESUME_CHANGES = ('train.max_steps', 'train.max_tokens', 'train.eval_every', 'train.eval_batches', 'train.compile',
     'train.activation_checkpointing', 'model.attn_backend', 'model.loss_chunk_size', 'model.preset', 'data.num_workers',
     'data.cache_dir', 'run.name', 'run.run_dir', 'run.device', 'logging.*', 'checkpoint.*', 'cost.*', 'stability.*')
-_NOTES = {'train.max_steps': ' (the WSD decay start moves with it)', 'train.max_tokens': ' (the WSD decay start moves with it)'}
+_NOTES = dict.fromkeys(['train.max_steps', 'train.max_tokens'], ' (the WSD decay start moves with it)')
 
 def _flatten(x, prefix:str='')->dict:
     "Dotted keys of nested dicts; lists of dicts get `[i]` indices, other lists stay whole."
-    if isinstance(x, dict) and x: return {k2: v2 for k, v in x.items() for k2, v2 in _flatten(v, f"{prefix}.{k}" if prefix else str(k)).items()}
+    if isinstance(x, dict) and x:
+        return {k2: v2 for k, v in x.items() for k2, v2 in _flatten(v, f"{prefix}.{k}" if prefix else str(k)).items()}
     if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
         return {k2: v2 for i, v in enumerate(x) for k2, v2 in _flatten(v, f"{prefix}[{i}]").items()}
     return {prefix: x}
@@ -556,7 +557,8 @@ def check_resume_compat(saved_cfg:dict, # `Config.to_dict()` stored with the che
         if old == new: continue
         fmt = lambda v: '(absent)' if v is _missing else repr(v)
         desc = f"{k}: {fmt(old)} -> {fmt(new)}"
-        if any(fnmatch.fnmatchcase(re.sub(r'\[\d+\]', '', k), pat) for pat in SAFE_RESUME_CHANGES): safe.append(desc + _NOTES.get(k, ''))
+        if any(fnmatch.fnmatchcase(re.sub(r'\[\d+\]', '', k), pat) for pat in SAFE_RESUME_CHANGES):
+            safe.append(desc + _NOTES.get(k, ''))
         else: unsafe.append((k, desc))
     if unsafe and not force:
         raise ConfigError(f"{', '.join(k for k, _ in unsafe)}: changed since the checkpoint ({'; '.join(d for _, d in unsafe)}); "

@@ -245,7 +245,6 @@ def check_inputs(cfg:ModelConfig,                # the model's config
     if nbad: raise ValueError(f"labels: {nbad} values are neither -100 (ignore) nor a token id in [0, {V})")
 
 # %% ../nbs/01_model.ipynb #c028
-@torch.compiler.disable  # data-dependent (host syncs, mask building): run eagerly, compile the blocks
 def attn_context(cfg:ModelConfig,
                  doc_ids:Optional[torch.Tensor], # (B, T) document ids, None: one document per row
                  B:int, T:int, device:torch.device,
@@ -307,6 +306,11 @@ class SmolLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.trunc_normal_(m.weight, 0.0, std, -3 * std, 3 * std)
             elif isinstance(m, nn.RMSNorm): nn.init.ones_(m.weight)
+
+    def compile_blocks(self, **kwargs)->SmolLM:
+        "`torch.compile` each block in place (`train.compile`); the data-dependent attention context stays eager."
+        for layer in self.layers: layer.compile(**kwargs)
+        return self
 
     def set_activation_checkpointing(self, enabled:bool=True)->SmolLM:
         "Recompute each block's activations in the backward instead of storing them."

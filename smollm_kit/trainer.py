@@ -109,10 +109,11 @@ class Trainer:
         self.train_model = self._wrap(self.model)
 
     def _wrap(self, model):
-        "DDP across ranks and `torch.compile` when asked; the unwrapped `self.model` is what we save."
+        "Compile the blocks when asked and wrap in DDP across ranks; `self.model` (same parameters) is what we save."
+        if self.cfg.train.compile: model.compile_blocks()
         if self.dist.world_size > 1:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
-        return torch.compile(model) if self.cfg.train.compile else model
+        return model
 
 # %% ../nbs/06_trainer.ipynb #c016
 def trainer_method(f):

@@ -7,6 +7,7 @@ Docs: https://smollm-kit.github.io/smollm_kit/ui.html.md"""
 # %% ../nbs/12_ui.ipynb #c002
 from __future__ import annotations
 import importlib.metadata, importlib.util, io, math, os, re, sys, time, warnings
+from html import escape
 from pathlib import Path
 from typing import Callable, Optional
 import ipywidgets as W
@@ -283,17 +284,19 @@ def config(self:ControlPanel,
 def _estimate_html(cfg:Config, gpu:dict)->str:
     "`monitor.estimate` for `cfg` on `gpu`, as HTML, with what to do when it does not fit."
     e = estimate(cfg, gpu=gpu)
-    html = f"<pre style='line-height:1.3'>{_html_escape(format_estimate(e))}</pre>"
+    out = f"<pre style='line-height:1.3'>{escape(format_estimate(e))}</pre>"
     if e['fits'] is False:
-        html += ("<b style='color:#b00'>Does not fit in GPU memory: lower the micro-batch (raising grad accum keeps the "
+        out += ("<b style='color:#b00'>Does not fit in GPU memory: lower the micro-batch (raising grad accum keeps the "
                  "tokens per step), shorten the sequence, or pick a smaller preset.</b>")
-    return html
+    return out
 
 @patch_to(ControlPanel)
 def _on_change(self:ControlPanel, key:str):
     def handler(change):
         if self._syncing: return
-        if key == 'preset': self._use_base(self._preset_base(change['new']), keep={'run_name': self.run_name} if self._defaults['run_name'] != self.run_name else None)
+        if key == 'preset':  # a new preset fills every widget; a run name you typed stays
+            typed = self.w['run_name'].value != self._defaults['run_name']
+            self._use_base(self._preset_base(change['new']), keep={'run_name': self.run_name} if typed else None)
         elif key == 'stage' and change['new'] != 'pretrain':
             self.w['stage'].value = 'pretrain'
             self.note.value = f"<span style='color:#a60'>{change['new'].upper()} is coming: see the sections at the end of the notebook.</span>"
@@ -314,9 +317,7 @@ def _refresh(self:ControlPanel):
         self.estimate.value = _estimate_html(cfg, self.gpu)
     except ConfigError as e:
         self.steps.value = ''
-        self.estimate.value = f"<pre style='color:#b00'>cannot start: {_html_escape(str(e))}</pre>"
-
-def _html_escape(s:str)->str: return s.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+        self.estimate.value = f"<pre style='color:#b00'>cannot start: {escape(str(e))}</pre>"
 
 # %% ../nbs/12_ui.ipynb #c037
 @patch_to(ControlPanel)
@@ -346,7 +347,7 @@ def load_from_config(self:ControlPanel,
     msg = ("<b>Resumed run:</b> model, batch, sequence length, budget and learning rates are fixed for this run "
            "(rename the run to start a new one).")
     if clashes:
-        msg += "<br><span style='color:#b00'>Ignored because a run cannot change them midway: " + '; '.join(map(_html_escape, clashes)) + '</span>'
+        msg += "<br><span style='color:#b00'>Ignored because a run cannot change them midway: " + '; '.join(map(escape, clashes)) + '</span>'
         if changed_warning: warnings.warn('resumed run keeps its saved settings; ignored: ' + '; '.join(clashes), stacklevel=2)
     self.note.value = msg
     return clashes

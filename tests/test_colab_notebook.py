@@ -14,7 +14,7 @@ from smollm_kit.ui import saved_step
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT/'SmolLM_Colab.ipynb'
-STEPS = 30
+STEPS = 20
 ENV = {'SMOLLM_PRESET': 'tiny', 'SMOLLM_MAX_STEPS': str(STEPS),
        'SMOLLM_OVERRIDES': 'checkpoint.every_steps=5 checkpoint.every_minutes=null checkpoint.keep_last=20 '
                            'train.eval_every=10 logging.every_steps=1'}
@@ -116,7 +116,7 @@ def test_resumes_after_the_kernel_is_killed_mid_training(nb_env, tmp_path):
         deadline, step = time.monotonic() + 600, None
         while time.monotonic() < deadline:
             step = saved_step(nb_env)
-            if step is not None and step >= 10: break
+            if step is not None and step >= 5: break
             time.sleep(0.05)
         assert step is not None and step < STEPS, f"no checkpoint to kill after (saved step {step})"
         os.kill(km.provisioner.pid, signal.SIGKILL)  # hard: no handler runs, no final checkpoint
