@@ -16,7 +16,8 @@ from .config import ModelConfig
 
 # %% auto #0
 __all__ = ['doc_segments', 'rope_cos_sin', 'apply_rope', 'pick_attn_backend', 'AttnContext', 'attend', 'Attention', 'MLP',
-           'Block', 'KVCache', 'init_std', 'check_inputs', 'attn_context', 'SmolLM', 'count_params']
+           'Block', 'KVCache', 'init_std', 'check_inputs', 'attn_context', 'ChunkedLinearCrossEntropy', 'SmolLM',
+           'count_params']
 
 # %% ../nbs/01_model.ipynb #c007
 def doc_segments(doc_ids:torch.Tensor,    # (B, T) integer document id of every token
@@ -280,9 +281,41 @@ def attn_context(cfg:ModelConfig,
     return AttnContext('sdpa', cos, sin, mask=(causal & (seg[:, :, None] == seg[:, None, :]))[:, None]), None
 
 # %% ../nbs/01_model.ipynb #c032
-def _loss_sum(lm_head:nn.Module, h:torch.Tensor, y:torch.Tensor)->torch.Tensor:
-    "Summed fp32 cross-entropy of final hidden states (N, d_model) against targets (N,)."
-    return F.cross_entropy(lm_head(h).float(), y, ignore_index=-100, reduction='sum')
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    "Summed cross-entropy of `h @ w.T` against `y`, a chunk of tokens at a time; gradients are computed in the forward."
+    @staticmethod
+    def forward(ctx, h:torch.Tensor, # (N, d_model) final hidden states
+                w:torch.Tensor,      # (vocab, d_model) output projection
+                y:torch.Tensor,      # (N,) targets, -100 = ignore
+                chunk:int):          # tokens per chunk
+        with torch.autocast(h.device.type, enabled=False):
+            wc = w.to(h.dtype)                               # what autocast would feed the matmul
+            need_h, need_w = h.requires_grad, w.requires_grad
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, len(y), chunk):
+                hc, yc = h[i:i+chunk], y[i:i+chunk]
+                logits = (hc @ wc.T).float()                 # (C, vocab) fp32: the only logits alive
+                lse = torch.logsumexp(logits, -1)
+                valid = yc != -100
+                tgt = yc.clamp(min=0)
+                total += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
+                if not (need_h or need_w): continue
+                g = logits.sub_(lse[:, None]).exp_()         # softmax, in place
+                g[torch.arange(len(yc), device=g.device), tgt] -= 1
+                g = (g * valid[:, None]).to(h.dtype)         # d loss_sum / d logits
+                if need_h: grad_h[i:i+chunk] = g @ wc
+                if need_w: grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None)
 
 class SmolLM(nn.Module):
     "SmolLM3-style decoder-only language model."
@@ -352,10 +385,8 @@ class SmolLM(nn.Module):
         if cache is not None: cache.advance(*rec)
         x = self.norm(x)
         if labels is None: return self.lm_head(x)
-        h, y, C = x.flatten(0, 1), labels.flatten().long(), self.cfg.loss_chunk_size
-        grad = torch.is_grad_enabled()
-        total = sum(checkpoint(_loss_sum, self.lm_head, h[i:i+C], y[i:i+C], use_reentrant=False) if grad
-                    else _loss_sum(self.lm_head, h[i:i+C], y[i:i+C]) for i in range(0, len(y), C))
+        y = labels.flatten().long()
+        total = ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, y, self.cfg.loss_chunk_size)
         return total / (y != -100).sum().clamp(min=1)
 
 # %% ../nbs/01_model.ipynb #c038
