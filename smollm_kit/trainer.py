@@ -185,13 +185,14 @@ def state_dict(self:Trainer)->dict:
                 stability=self.stability.state_dict(), stage=self.stage.name)
 
 @trainer_method
-def load_state_dict(self:Trainer, sd:dict, data:bool=True):
-    "Restore from `sd`; `data=False` keeps the current data position (rollback skips the offending batches)."
+def load_state_dict(self:Trainer, sd:dict, keep:tuple=()):
+    "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
     self.step, self.tokens = sd['step'], sd['tokens']
     self.opt.load_state_dict(sd['optim'])
-    if data: self.stage.state.load_state_dict(sd['data'])
+    if 'data' not in keep: self.stage.state.load_state_dict(sd['data'])
+    if 'cost' not in keep: self.cost.load_state_dict(sd['cost'])
     if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
-    restore_rng(sd['rng']); self.cost.load_state_dict(sd['cost']); self.stability.load_state_dict(sd['stability'])
+    restore_rng(sd['rng']); self.stability.load_state_dict(sd['stability'])
 
 @trainer_method
 def save(self:Trainer, reason:str='periodic')->Optional[Path]:
@@ -228,13 +229,14 @@ def maybe_resume(self:Trainer)->Optional[int]:
 
 @trainer_method
 def rollback(self:Trainer)->bool:
-    "Restore the last good checkpoint in-process but keep the data position, skipping the offending batches."
+    "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
+    self.ckpt.wait()
     latest = self.ckpt.latest_valid()
     if latest is None: return False
     bad_step = self.step
     model_state, state, _ = self.ckpt.load(latest)
     self.model.load_state_dict(model_state)
-    self.load_state_dict(state, data=False)
+    self.load_state_dict(state, keep=('data', 'cost'))
     self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
     return True
 
@@ -277,7 +279,8 @@ def fit(self:Trainer)->TrainResult:
             out = self.train_step()
             self.step += 1; self.tokens += out['tokens']
             for e in out['events']: self.log({**e, 'step': self.step, 'tokens': self.tokens})
-            if any(e.get('action') == 'rollback' for e in out['events']) and self.rollback(): continue
+            if any(e.get('action') == 'rollback' for e in out['events']) and self.rollback():
+                bar.n = self.step; bar.refresh(); continue
             record = self._metrics(out, lr_factor)
             if self.step % cfg.logging.every_steps == 0 or self.step == total:
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 or self.step == total: record.update(self.evaluate())

@@ -382,6 +382,7 @@ def test_hub_source_is_streamed_with_name_and_split(tok_dir, tok, fake_hub):
 
 def test_hub_dataset_while_offline(tok_dir, tok, monkeypatch):
     hub = [{'name': 'web', 'sources': [{'kind': 'hub', 'path': 'HuggingFaceFW/fineweb-edu', 'name': 'sample-10BT'}]}]
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)  # CI sets it; this test is about the datasets switch
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
     t = time.time()
     with pytest.raises(DataError, match=r"sources\[0\]: Hub dataset 'HuggingFaceFW/fineweb-edu' needs the network.*HF_DATASETS_OFFLINE"):

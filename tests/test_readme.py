@@ -16,6 +16,8 @@ def fresh_venv(tmp_path_factory):
     "A new venv that sees the machine's torch & co. (system site packages) but has no smollm_kit of its own."
     d = tmp_path_factory.mktemp('venv')
     venv.create(d, system_site_packages=True, with_pip=True)
+    # Python 3.11's venv bundles an old setuptools that predates PEP 639 licence strings; build with the machine's
+    subprocess.run([str(d/'bin'/'python'), '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'], check=True)
     return d
 
 def test_quickstart_from_wheel_in_fresh_venv(fresh_venv, tmp_path):
@@ -36,7 +38,9 @@ def test_quickstart_from_wheel_in_fresh_venv(fresh_venv, tmp_path):
     assert str(fresh_venv) in where and 'tiny' in where, where
     recs = [json.loads(l) for l in (repo/'runs/tiny/metrics.jsonl').read_text().splitlines()]
     val = [r['val/loss'] for r in recs if 'val/loss' in r]
-    assert len(val) >= 2 and val[-1] < val[0] - 1.0 and val[-1] < math.log(2048) - 2, val
+    train = [r['train/loss'] for r in recs if 'train/loss' in r]
+    assert train[0] > math.log(2048) - 1, train[0]               # starts near a uniform guess over the vocabulary
+    assert len(val) >= 2 and val == sorted(val, reverse=True) and val[-1] < math.log(2048) - 2, val
     assert 'val/loss' in p.stdout  # the falling loss is printed, not just logged
     assert list((repo/'runs/tiny/checkpoints').glob('step_*/manifest.json'))
 
