@@ -19,10 +19,11 @@ def main():
     ap.add_argument('--ffn', type=int, default=1536); ap.add_argument('--vocab', type=int, default=32000)
     ap.add_argument('--seq', type=int, default=256); ap.add_argument('--batch', type=int, default=4)
     ap.add_argument('--steps', type=int, default=10); ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--loss-chunk', type=int, default=4096, help='model.loss_chunk_size')
     a = ap.parse_args()
     torch.manual_seed(0)
     mc = ModelConfig(d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_dim=a.ffn,
-                     vocab_size=a.vocab, max_seq_len=max(a.seq, 512), attn_backend='sdpa')
+                     vocab_size=a.vocab, max_seq_len=max(a.seq, 512), attn_backend='sdpa', loss_chunk_size=a.loss_chunk)
     ours = SmolLM(mc)
     hf = SmolLM3ForCausalLM(to_hf_config(mc))
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), mc))
