@@ -6,11 +6,11 @@ Docs: https://smollm-kit.github.io/smollm_kit/trainer.html.md"""
 
 # %% ../nbs/06_trainer.ipynb #c002
 from __future__ import annotations
-import contextlib, math, os, random, sys, time, warnings
+import contextlib, math, os, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Any
-import numpy as np, torch, torch.nn as nn, yaml
+import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
 from .config import Config, ConfigError, save_config
 from .optim import build_optimizer, wsd_factor
