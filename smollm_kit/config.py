@@ -13,16 +13,22 @@ from typing import Literal, Optional, Any
 import yaml
 
 # %% auto #0
-__all__ = ['MODEL_PRESETS', 'PRESET_DIR', 'ConfigError', 'RunConfig', 'ModelConfig', 'SourceConfig', 'DomainConfig', 'DataConfig',
-           'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'LoggingConfig', 'CostConfig',
-           'StabilityConfig', 'Config', 'from_dict', 'validate', 'list_presets', 'parse_override', 'load_config',
-           'save_config']
+__all__ = ['MODEL_PRESETS', 'PRESET_DIR', 'patch_to', 'ConfigError', 'RunConfig', 'ModelConfig', 'SourceConfig', 'DomainConfig',
+           'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'LoggingConfig',
+           'CostConfig', 'StabilityConfig', 'Config', 'from_dict', 'validate', 'list_presets', 'parse_override',
+           'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #c005
+def patch_to(cls):
+    "Decorator attaching a function to `cls` as a method, so a class can be explained one method per cell."
+    def deco(f): setattr(cls, f.__name__, f); return f
+    return deco
+
+# %% ../nbs/00_config.ipynb #c007
 class ConfigError(ValueError):
     "A configuration problem; the message names the offending field."
 
-# %% ../nbs/00_config.ipynb #c007
+# %% ../nbs/00_config.ipynb #c009
 @dataclass
 class RunConfig:
     name:str='smollm'            # run name; the default run directory is `runs/<name>`
@@ -33,7 +39,7 @@ class RunConfig:
     @property
     def resolved_dir(self)->Path: return Path(self.run_dir or f'runs/{self.name}')
 
-# %% ../nbs/00_config.ipynb #c008
+# %% ../nbs/00_config.ipynb #c010
 @dataclass
 class ModelConfig:
     preset:Optional[str]=None     # model shape this config started from ('smollm-600m', 'smollm-135m', 'tiny')
@@ -59,14 +65,14 @@ class ModelConfig:
         "Indices of the layers that use no RoPE."
         return [i for i in range(self.n_layers) if self.nope_every and (i+1) % self.nope_every == 0]
 
-# %% ../nbs/00_config.ipynb #c010
+# %% ../nbs/00_config.ipynb #c012
 MODEL_PRESETS = {
     'smollm-600m': dict(d_model=1536, n_layers=24, n_heads=12, n_kv_heads=4, ffn_dim=4096, vocab_size=32000, max_seq_len=2048),
     'smollm-135m': dict(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=32000, max_seq_len=2048),
     'tiny':        dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=2048, max_seq_len=512),
 }
 
-# %% ../nbs/00_config.ipynb #c011
+# %% ../nbs/00_config.ipynb #c013
 @dataclass
 class SourceConfig:
     kind:Literal['hub','local','demo']='local' # where documents come from
@@ -157,7 +163,7 @@ class StabilityConfig:
     grad_norm_z:float=10.0        # same for the gradient norm
     action:Literal['log','skip','rollback']='log' # what to do on a spike; NaN/Inf always skips the update
 
-# %% ../nbs/00_config.ipynb #c013
+# %% ../nbs/00_config.ipynb #c015
 @dataclass
 class Config:
     run:RunConfig=field(default_factory=RunConfig)
@@ -175,7 +181,7 @@ class Config:
     @property
     def run_dir(self)->Path: return self.run.resolved_dir
 
-# %% ../nbs/00_config.ipynb #c015
+# %% ../nbs/00_config.ipynb #c017
 def _suggest(key, options)->str:
     close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else f" (known: {', '.join(options)})"
@@ -214,7 +220,7 @@ def _coerce(value, tp, where:str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 
-# %% ../nbs/00_config.ipynb #c016
+# %% ../nbs/00_config.ipynb #c018
 def from_dict(cls, d:dict|None, where:str=''):
     "Build dataclass `cls` from dict `d`, checking keys and types; `where` is the dotted path for errors."
     if d is None: d = {}
@@ -230,7 +236,7 @@ def from_dict(cls, d:dict|None, where:str=''):
     kw = {k: _coerce(v, hints[k], f"{where+'.' if where else ''}{k}") for k,v in d.items()}
     return cls(**kw)
 
-# %% ../nbs/00_config.ipynb #c019
+# %% ../nbs/00_config.ipynb #c021
 def _check(cond:bool, where:str, msg:str):
     if not cond: raise ConfigError(f"{where}: {msg}")
 
@@ -288,14 +294,14 @@ def validate(cfg:Config)->Config:
     _check(len(set(names)) == len(names), "data.domains", f"domain names must be unique, got {names}")
     return cfg
 
-# %% ../nbs/00_config.ipynb #c021
+# %% ../nbs/00_config.ipynb #c023
 PRESET_DIR = Path(__file__).parent/'configs' if '__file__' in globals() else Path('../smollm_kit/configs')
 
 def list_presets()->list[str]:
     "Names of the presets shipped with the package."
     return sorted(p.stem for p in PRESET_DIR.glob('*.yaml'))
 
-# %% ../nbs/00_config.ipynb #c022
+# %% ../nbs/00_config.ipynb #c024
 def parse_override(s:str)->tuple[str, Any]:
     "Split a CLI override `dotted.key=value`; the value is read as a YAML scalar."
     if '=' not in s: raise ConfigError(f"--set {s}: expected dotted.key=value")
@@ -314,7 +320,7 @@ def _set_dotted(d:dict, key:str, value, cls=Config):
         if not dataclasses.is_dataclass(cls): raise ConfigError(f"{where}: is not a section, cannot set {key}")
         node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
 
-# %% ../nbs/00_config.ipynb #c023
+# %% ../nbs/00_config.ipynb #c025
 def load_config(name_or_path:str|Path|dict='tiny', # preset name, YAML path, or a plain dict
                 overrides:dict|list|None=None,      # {'train.max_steps': 20} or ['train.max_steps=20', ...]
                )->Config:

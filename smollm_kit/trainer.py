@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Callable, Optional, Any
 import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, save_config, patch_to
 from .optim import build_optimizer, wsd_factor
 from .checkpoint import CheckpointManager, GracefulInterrupt, capture_rng, restore_rng, check_resume_compat
 from .monitor import (MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
 # %% auto #0
-__all__ = ['lm_loss', 'Stage', 'pick_device', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer',
-           'trainer_method', 'autocast', 'train_step', 'evaluate', 'state_dict', 'load_state_dict', 'save',
-           'maybe_resume', 'rollback', 'log', 'fit', 'print_plan', 'print_summary']
+__all__ = ['lm_loss', 'Stage', 'pick_device', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #c005
 def lm_loss(model:nn.Module, batch:dict)->torch.Tensor:
@@ -116,22 +114,17 @@ class Trainer:
         return model
 
 # %% ../nbs/06_trainer.ipynb #c016
-def trainer_method(f):
-    "Attach `f` to `Trainer` (lets the notebook explain the class one method at a time)."
-    setattr(Trainer, f.__name__, f); return f
-
-# %% ../nbs/06_trainer.ipynb #c018
-@trainer_method
+@patch_to(Trainer)
 def autocast(self:Trainer):
     "The autocast context for the forward pass."
     if self.precision == 'fp32': return contextlib.nullcontext()
     return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == 'bf16' else torch.float16)
 
-@trainer_method
+@patch_to(Trainer)
 def _to_device(self:Trainer, batch:dict)->dict:
     return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k,v in batch.items()}
 
-@trainer_method
+@patch_to(Trainer)
 def train_step(self:Trainer)->dict:
     "Accumulate gradients over the micro-batches of one step, check stability, and update."
     accum, n_tokens, loss_sum = self.cfg.train.grad_accum_steps, 0, torch.zeros((), device=self.device)
@@ -158,8 +151,8 @@ def train_step(self:Trainer)->dict:
         self.opt.zero_grad(set_to_none=True)
     return dict(loss=loss, grad_norm=grad_norm, tokens=n_tokens * self.dist.world_size, events=events)
 
-# %% ../nbs/06_trainer.ipynb #c020
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c018
+@patch_to(Trainer)
 @torch.no_grad()
 def evaluate(self:Trainer)->dict:
     "Mean validation loss per domain (`val/loss/<domain>`), overall `val/loss` and `val/ppl`."
@@ -177,14 +170,14 @@ def evaluate(self:Trainer)->dict:
         out['val/ppl'] = math.exp(min(out['val/loss'], 50))
     return out
 
-# %% ../nbs/06_trainer.ipynb #c022
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c020
+@patch_to(Trainer)
 def state_dict(self:Trainer)->dict:
     return dict(step=self.step, tokens=self.tokens, optim=self.opt.state_dict(), data=self.stage.state.state_dict(),
                 scaler=self.scaler.state_dict(), rng=capture_rng(), cost=self.cost.state_dict(),
                 stability=self.stability.state_dict(), stage=self.stage.name)
 
-@trainer_method
+@patch_to(Trainer)
 def load_state_dict(self:Trainer, sd:dict, keep:tuple=()):
     "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
     self.step, self.tokens = sd['step'], sd['tokens']
@@ -194,7 +187,7 @@ def load_state_dict(self:Trainer, sd:dict, keep:tuple=()):
     if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
     restore_rng(sd['rng']); self.stability.load_state_dict(sd['stability'])
 
-@trainer_method
+@patch_to(Trainer)
 def save(self:Trainer, reason:str='periodic')->Optional[Path]:
     "Write a checkpoint (rank 0) and log it."
     if not self.dist.is_main: return None
@@ -206,8 +199,8 @@ def save(self:Trainer, reason:str='periodic')->Optional[Path]:
               'stall_s': round(time.perf_counter() - t0, 3)})
     return path
 
-# %% ../nbs/06_trainer.ipynb #c024
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c022
+@patch_to(Trainer)
 def maybe_resume(self:Trainer)->Optional[int]:
     "Restore the newest valid checkpoint according to the resume mode; return its step or None."
     latest = self.ckpt.latest_valid()
@@ -227,7 +220,7 @@ def maybe_resume(self:Trainer)->Optional[int]:
     self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
     return self.step
 
-@trainer_method
+@patch_to(Trainer)
 def rollback(self:Trainer)->bool:
     "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
     self.ckpt.wait()
@@ -240,13 +233,13 @@ def rollback(self:Trainer)->bool:
     self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
     return True
 
-# %% ../nbs/06_trainer.ipynb #c026
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c024
+@patch_to(Trainer)
 def log(self:Trainer, record:dict):
     if self.dist.is_main: self.logger.log(record)
     for cb in self.callbacks: cb(record)
 
-@trainer_method
+@patch_to(Trainer)
 def _metrics(self:Trainer, out:dict, lr_factor:float)->dict:
     "The `train/*`, `perf/*`, `cost/*` and `gpu/*` fields of a step record."
     perf = self.speed.update(out['tokens'])
@@ -255,8 +248,8 @@ def _metrics(self:Trainer, out:dict, lr_factor:float)->dict:
             'train/lr': self.cfg.optim.muon_lr * lr_factor, 'train/lr_factor': lr_factor, **perf, **cost,
             'gpu/memory_allocated_gb': gpu_memory_gb()}
 
-# %% ../nbs/06_trainer.ipynb #c028
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c026
+@patch_to(Trainer)
 def fit(self:Trainer)->TrainResult:
     "Train to the budget, evaluating, logging and checkpointing on the way; resume first if there is a checkpoint."
     cfg, total = self.cfg, self.total_steps
@@ -303,8 +296,8 @@ def fit(self:Trainer)->TrainResult:
     self.print_summary(res, total)
     return res
 
-# %% ../nbs/06_trainer.ipynb #c030
-@trainer_method
+# %% ../nbs/06_trainer.ipynb #c028
+@patch_to(Trainer)
 def print_plan(self:Trainer, total:int):
     if not self.dist.is_main: return
     e = estimate(self.cfg, world_size=self.dist.world_size)
@@ -317,7 +310,7 @@ def print_plan(self:Trainer, total:int):
     if self.resumed_from is not None: lines.insert(1, f"resuming from step {self.resumed_from}")
     print('\n'.join(lines), flush=True)
 
-@trainer_method
+@patch_to(Trainer)
 def print_summary(self:Trainer, res:TrainResult, total:int):
     if not self.dist.is_main: return
     m = res.metrics

@@ -15,13 +15,13 @@ from IPython.display import display, HTML, Image
 from IPython.core.interactiveshell import InteractiveShell
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
-from .config import Config, ConfigError, load_config, list_presets, parse_override
+from .config import Config, ConfigError, load_config, list_presets, parse_override, patch_to
 from .monitor import detect_gpu, estimate, format_estimate, hardware, in_colab, run_length
 from .checkpoint import verify_checkpoint
 
 # %% auto #0
 __all__ = ['DRIVE_MOUNT', 'mount_drive_run_dir', 'env_report', 'default_preset', 'env_overrides', 'parse_tokens', 'format_tokens',
-           'total_steps', 'saved_step', 'patch_to', 'ControlPanel', 'LivePlot', 'in_colab']
+           'total_steps', 'saved_step', 'ControlPanel', 'LivePlot', 'in_colab']
 
 # %% ../nbs/12_ui.ipynb #c005
 _all_ = ['in_colab']
@@ -156,11 +156,6 @@ def _tip(w, text:str):
     if w.has_trait('tooltip'): w.tooltip = text
     else: w.description_tooltip = text
     return w
-
-def patch_to(cls):
-    "Decorator attaching a function to `cls` as a method, so a class can be explained one method per cell."
-    def deco(f): setattr(cls, f.__name__, f); return f
-    return deco
 
 def _model_preset_of(cfg:Config)->Optional[str]:
     "The shipped preset whose model shape `cfg` uses."

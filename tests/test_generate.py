@@ -37,13 +37,6 @@ def tiny_model(vocab=320, seed=0, **kw):
     return SmolLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one intra-op thread avoids OpenMP spin-waits that make each op ~100x slower on a busy machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PROMPTS = [[0, 5, 9, 30, 31, 7, 8], [0, 7], [0, 3, 44, 45, 46], [12]]
