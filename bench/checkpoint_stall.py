@@ -14,17 +14,13 @@ from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smollm_kit.checkpoint import CheckpointManager
+from smollm_kit.config import ModelConfig, MODEL_PRESETS
+from smollm_kit.model import SmolLM
 
-def shapes_600m(d=1536, n_layers=24, n_kv=4, head_dim=128, ffn=4096, vocab=32000):
-    "Parameter shapes of the 600M recipe (RECIPE.md), in state_dict order."
-    s = {'embed_tokens.weight': (vocab, d)}
-    for i in range(n_layers):
-        p = f'layers.{i}.'
-        s |= {p+'input_layernorm.weight': (d,), p+'self_attn.q_proj.weight': (d, d),
-              p+'self_attn.k_proj.weight': (n_kv*head_dim, d), p+'self_attn.v_proj.weight': (n_kv*head_dim, d),
-              p+'self_attn.o_proj.weight': (d, d), p+'post_attention_layernorm.weight': (d,),
-              p+'mlp.gate_proj.weight': (ffn, d), p+'mlp.up_proj.weight': (ffn, d), p+'mlp.down_proj.weight': (d, ffn)}
-    return s | {'norm.weight': (d,)}
+def shapes_600m(n_layers=24):
+    "Parameter shapes of the `smollm-600m` model (built on the meta device: no memory), in state_dict order, tied head left out."
+    with torch.device('meta'): m = SmolLM(ModelConfig(**{**MODEL_PRESETS['smollm-600m'], 'n_layers': n_layers}))
+    return {k: tuple(v.shape) for k, v in m.state_dict().items() if k != 'lm_head.weight'}
 
 def make_state(kind:str, device:str, n_layers:int=24):
     "`(model_state, state)`: 'model' = bf16 weights only; 'full' = fp32 weights + Muon momentum + AdamW moments."

@@ -19,14 +19,15 @@ def _cpu_seconds(pids)->float:
         total += (int(f[11]) + int(f[12])) / tick  # utime, stime
     return total
 
-def measure(workers:int, seconds:float, seq_len:int, batch:int, vocab:int)->dict:
+def measure(workers:int, seconds:float, seq_len:int, batch:int, vocab:int, shuffle_buffer:int=1024)->dict:
     from smollm_kit.config import load_config
     from smollm_kit.data import PretrainData, load_tokenizer
     cfg = load_config('tiny', {'data.num_workers': workers, 'train.seq_len': seq_len, 'train.micro_batch_size': batch,
-                               'model.max_seq_len': max(seq_len, 512), 'model.vocab_size': vocab, 'train.eval_batches': 1})
+                               'model.max_seq_len': max(seq_len, 512), 'model.vocab_size': vocab, 'train.eval_batches': 1,
+                               'data.shuffle_buffer': shuffle_buffer})
     tok = load_tokenizer(cfg)
     t0 = time.perf_counter()
-    with PretrainData(cfg, tok) as data:
+    with PretrainData(cfg.data, tok, seq_len, batch, eval_batches=1, seed=cfg.run.seed) as data:
         data.next_batch()
         pool = data._feeder.pool
         pids = list(pool._processes) if pool is not None else []
@@ -44,14 +45,15 @@ def main():
     p.add_argument('--seq-len', type=int, default=2048)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--vocab', type=int, default=32000)
+    p.add_argument('--shuffle-buffer', type=int, default=1024, help='data.shuffle_buffer (0: file order)')
     a = p.parse_args()
     import datasets, torch, transformers  # noqa: F401  (import costs are not the pipeline's startup)
     print(f"# data pipeline throughput: demo corpus, byte-level BPE {a.vocab} tokens, batches {a.batch} x {a.seq_len}, "
-          f"{os.cpu_count()} CPU cores, {a.seconds:.0f} s per setting\n")
+          f"shuffle buffer {a.shuffle_buffer}, {os.cpu_count()} CPU cores, {a.seconds:.0f} s per setting\n")
     print("| data.num_workers | tokens/s | tokens per CPU-second | first batch after (s) | packing efficiency | load avg |")
     print("|---|---|---|---|---|---|")
     for w in a.workers:
-        r = measure(w, a.seconds, a.seq_len, a.batch, a.vocab)
+        r = measure(w, a.seconds, a.seq_len, a.batch, a.vocab, a.shuffle_buffer)
         print(f"| {w} | {r['tokens_per_s']:,.0f} | {r['tokens_per_cpu_s']:,.0f} | {r['startup_s']:.2f} | "
               f"{r['packing_efficiency']:.4f} | {r['load']:.1f} |", flush=True)
 

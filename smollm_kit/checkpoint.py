@@ -344,6 +344,7 @@ def _save(self:CheckpointManager,
           tokenizer=None,              # an object with `save_pretrained(dir)` (e.g. a transformers tokenizer)
           tokenizer_dir:str|Path|None=None, # or a directory of tokenizer files to copy
           block:bool=False,            # wait until the checkpoint is complete, even with `async_save`
+          manifest_extra:dict|None=None, # extra fields for manifest.json (stage, lineage)
          )->Path:
     "Write a checkpoint atomically (in the background unless `block`), rotate, mirror; its path (complete after `wait()`)."
     t0, final = time.monotonic(), self.dir/f'step_{step:08d}'
@@ -371,20 +372,20 @@ def _save(self:CheckpointManager,
         if tokenizer_dir is not None: shutil.copytree(tokenizer_dir, tmp/'tokenizer')
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    job = partial(self._write, step, tmp, final, msnap, tied, list(model_state), ssnap, time.monotonic() - t0)
+    job = partial(self._write, step, tmp, final, msnap, tied, list(model_state), ssnap, time.monotonic() - t0, manifest_extra)
     if self.async_save and not block: self._future = self._writer.submit(job)
     else: job()
     return final
 CheckpointManager.save = _save
 
 # %% ../nbs/04_checkpoint.ipynb #c029
-def _write(self:CheckpointManager, step, tmp:Path, final:Path, msnap, tied, keys, ssnap, stall:float):
+def _write(self:CheckpointManager, step, tmp:Path, final:Path, msnap, tied, keys, ssnap, stall:float, extra:dict|None=None):
     "The background half of `save`: serialise, fsync, hash, manifest, rename; then rotate and queue the mirror copy."
     t1 = time.monotonic()
     try:
         save_model_state(tmp/'model.safetensors', msnap, tied, keys)
         torch.save(ssnap, tmp/'state.pt')
-        man = write_manifest(tmp, step, {'tied': tied})
+        man = write_manifest(tmp, step, {'tied': tied, **(extra or {})})
         _publish(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

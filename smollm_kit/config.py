@@ -15,8 +15,9 @@ import yaml
 # %% auto #0
 __all__ = ['MODEL_PRESETS', 'PRESET_DIR', 'patch_to', 'ConfigError', 'RunConfig', 'ModelConfig', 'SourceConfig', 'DomainConfig',
            'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'LoggingConfig',
-           'CostConfig', 'StabilityConfig', 'Config', 'from_dict', 'validate', 'list_presets', 'parse_override',
-           'load_config', 'save_config']
+           'CostConfig', 'StabilityConfig', 'SFTConfig', 'validate_sft', 'DPOConfig', 'validate_dpo', 'RLVRConfig',
+           'validate_rlvr', 'Config', 'from_dict', 'validate_data', 'validate', 'list_presets', 'parse_override',
+           'read_yaml', 'load_config', 'save_config']
 
 # %% ../nbs/00_config.ipynb #c005
 def patch_to(cls):
@@ -35,6 +36,8 @@ class RunConfig:
     run_dir:Optional[str]=None   # where config.yaml, metrics.jsonl and checkpoints/ live
     seed:int=0                   # seeds model init, data order and sampling
     device:str='auto'            # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    stage:Literal['pretrain','sft','dpo','rlvr']='pretrain' # which stage this config trains
+    init_from:Optional[str]=None # start from these weights (checkpoint dir, run dir or Hugging Face dir); weights only
 
     @property
     def resolved_dir(self)->Path: return Path(self.run_dir or f'runs/{self.name}')
@@ -94,14 +97,16 @@ class DataConfig:
     domains:list[DomainConfig]=field(default_factory=list) # the mixture
     val_docs:int=64               # documents per domain held out for validation
     num_workers:int=0             # tokenizer worker processes (0: in the training process)
+    shuffle_buffer:int=1024       # training documents per source in the seeded shuffle buffer (0: file order)
     add_bos:bool=True             # prepend BOS to every document
     add_eos:bool=True             # append EOS to every document
     cache_dir:Optional[str]=None  # where trained tokenizers and demo corpora are cached (default: ~/.cache/smollm_kit)
 
 @dataclass
 class OptimConfig:
+    name:Literal['muon_adamw','adamw']='muon_adamw' # muon_adamw: Muon for block matrices, AdamW for the rest; adamw: AdamW for all
     muon_lr:float=0.02            # Muon learning rate for 2-D weight matrices in the blocks
-    adamw_lr:float=3e-3           # AdamW learning rate for norms and other 1-D parameters
+    adamw_lr:float=3e-3           # AdamW learning rate for norms and other 1-D parameters (for every matrix too with name: adamw)
     embed_lr:Optional[float]=None # AdamW learning rate for embeddings; None means adamw_lr
     weight_decay:float=0.0        # decoupled weight decay for the Muon group
     muon_momentum:float=0.95      # Muon momentum
@@ -111,8 +116,9 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    name:Literal['wsd','cosine','constant']='wsd' # warmup, then: stable + decay (WSD), cosine decay, or constant
     warmup_steps:int=100          # linear warmup from 0
-    decay_frac:float=0.2          # final fraction of training spent decaying
+    decay_frac:float=0.2          # WSD: final fraction of training spent decaying
     decay_shape:Literal['linear','1-sqrt']='1-sqrt' # shape of the decay
     min_lr_ratio:float=0.0        # LR floor as a fraction of the peak
 
@@ -120,6 +126,7 @@ class ScheduleConfig:
 class TrainConfig:
     max_steps:Optional[int]=None  # optimizer steps to train (one of max_steps / max_tokens)
     max_tokens:Optional[int]=None # tokens to train on
+    epochs:Optional[float]=None   # passes over the stage's training data (post-training stages)
     micro_batch_size:int=8        # rows per forward pass
     grad_accum_steps:int=1        # micro-batches per optimizer step
     seq_len:int=2048              # tokens per packed row
@@ -163,6 +170,139 @@ class StabilityConfig:
     grad_norm_z:float=10.0        # same for the gradient norm
     action:Literal['log','skip','rollback']='log' # what to do on a spike; NaN/Inf always skips the update
 
+# %% ../nbs/00_config.ipynb #n001
+@dataclass
+class SFTConfig:
+    dataset:str='demo'            # 'demo' (offline chat set), a Hub dataset name, or local .jsonl/.parquet file(s)/glob
+    dataset_config:Optional[str]=None # Hub dataset config name
+    split:str='train'             # training split
+    val_split:Optional[str]=None  # held-out split; None: hold out `val_examples` conversations from the training split
+    val_examples:int=64           # held-out conversations
+    streaming:bool=False          # stream a Hub dataset instead of downloading it
+    max_examples:Optional[int]=None # read at most this many training conversations (required with streaming)
+    format:Literal['auto','messages','prompt_completion']='auto' # record shape; auto: `messages` if present, else prompt/completion
+    messages_field:str='messages' # column holding the list of {'role', 'content'} turns
+    loss_on:Literal['assistant','completion','all']='assistant' # which tokens carry the loss
+    overlong:Literal['truncate','drop']='truncate' # conversations longer than train.seq_len
+    on_bad_record:Literal['skip','error']='skip' # malformed records: skip and count, or stop
+    system_prompt:Optional[str]=None # default system prompt for conversations without one (baked into the chat template)
+    demo_examples:int=4000        # dataset 'demo': training conversations generated
+    demo_seed:int=0               # dataset 'demo': seed of the generated conversations
+    eval_generations:int=64       # held-out conversations with checkable answers replied to greedily at each eval (0: off)
+    max_new_tokens:int=48         # tokens per generated reply in evaluation
+
+def validate_sft(cfg:'Config'):
+    "Checks of the `sft` section (run when `run.stage` is 'sft')."
+    s = cfg.sft
+    _check(bool(s.dataset), "sft.dataset", "is empty")
+    _check(s.val_examples >= 0, "sft.val_examples", f"must be >= 0, got {s.val_examples}")
+    _check(s.max_examples is None or s.max_examples > 0, "sft.max_examples", f"must be positive, got {s.max_examples}")
+    _check(not s.streaming or s.max_examples is not None or s.dataset == 'demo', "sft.max_examples",
+           "is required with sft.streaming (packing needs every training conversation in hand)")
+    _check(s.demo_examples > 0, "sft.demo_examples", f"must be positive, got {s.demo_examples}")
+    _check(s.eval_generations >= 0, "sft.eval_generations", f"must be >= 0, got {s.eval_generations}")
+    _check(s.max_new_tokens > 0, "sft.max_new_tokens", f"must be positive, got {s.max_new_tokens}")
+    _check(bool(s.messages_field), "sft.messages_field", "is empty")
+
+# %% ../nbs/00_config.ipynb #n002
+@dataclass
+class DPOConfig:
+    dataset:str='demo'            # 'demo' (offline preference set), a Hub dataset name, or local .jsonl/.json/.parquet file(s)/glob
+    dataset_config:Optional[str]=None # Hub dataset config name
+    split:str='train'             # training split
+    val_split:Optional[str]=None  # held-out split; None: hold out `val_examples` pairs from the training split
+    val_examples:int=64           # held-out pairs (val/rewards/* are measured on them)
+    max_pairs:Optional[int]=None  # use at most this many training pairs (None: all)
+    demo_pairs:int=2000           # training pairs generated for dataset 'demo'
+    max_length:Optional[int]=None # tokens of one prompt+reply sequence, keep-start truncation; None: train.seq_len // 2
+    loss_type:Literal['sigmoid','ipo','apo_zero','apo_down','robust']='sigmoid' # preference loss
+    beta:float=0.1                # strength of the implicit KL constraint (TRL's default for DPO)
+    label_smoothing:float=0.0     # robust DPO: assumed probability that a preference label is flipped
+    reference:Literal['precompute','model']='precompute' # reference log-probs: cached before training, or a frozen model
+    ref_shard_pairs:int=512       # pairs per file of the reference log-prob cache (what a killed precompute redoes at most)
+    on_bad_record:Literal['skip','error']='skip' # malformed pairs: skip and count, or stop
+
+def validate_dpo(cfg:'Config'):
+    "Checks of the `dpo` section (run when `run.stage` is 'dpo')."
+    d = cfg.dpo
+    _check(bool(d.dataset), "dpo.dataset", "is empty")
+    _check(d.beta > 0, "dpo.beta", f"must be positive, got {d.beta}")
+    _check(0 <= d.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {d.label_smoothing}")
+    _check(d.label_smoothing == 0 or d.loss_type == 'robust', "dpo.label_smoothing",
+           f"only the 'robust' loss uses it; got {d.label_smoothing} with dpo.loss_type={d.loss_type!r}")
+    _check(d.val_examples >= 1, "dpo.val_examples", f"held-out pairs measure val/rewards/*; must be >= 1, got {d.val_examples}")
+    _check(d.max_pairs is None or d.max_pairs > 0, "dpo.max_pairs", f"must be positive or null, got {d.max_pairs}")
+    _check(d.demo_pairs > 0, "dpo.demo_pairs", f"must be positive, got {d.demo_pairs}")
+    _check(d.ref_shard_pairs > 0, "dpo.ref_shard_pairs", f"must be positive, got {d.ref_shard_pairs}")
+    if d.max_length is not None:
+        _check(d.max_length >= 2, "dpo.max_length", f"must be >= 2, got {d.max_length}")
+        _check(2 * (d.max_length - 1) <= cfg.train.seq_len, "dpo.max_length",
+               f"both replies of a pair share one row: 2 × (max_length − 1) = {2 * (d.max_length - 1)} must fit "
+               f"train.seq_len={cfg.train.seq_len}; lower dpo.max_length or raise train.seq_len")
+
+
+# %% ../nbs/00_config.ipynb #n003
+@dataclass
+class RLVRConfig:
+    dataset:str='demo'            # 'demo' (offline arithmetic), a Hub dataset name (e.g. openai/gsm8k), or local .jsonl
+    dataset_config:Optional[str]=None # Hub dataset config name (gsm8k: 'main')
+    split:str='train'             # training split
+    val_split:Optional[str]=None  # held-out split; None: hold out `val_examples` prompts from the training split
+    val_examples:int=64           # held-out prompts
+    prompt_field:str='prompt'     # column with the question ('question' is used when this one is missing, as in GSM8K)
+    answer_field:str='answer'     # column with the reference answer (GSM8K style '... #### 42' is understood)
+    system_prompt:Optional[str]=None # system message put before every prompt (None: none)
+    verifier:str='math'           # comma-separated verifiers: built-in ('math', 'exact', 'regex', 'python_tests', 'length_penalty', 'reward_model') or 'module:function'
+    verifier_weights:Optional[list[float]]=None # weight of each verifier in the summed reward (None: 1 each)
+    verifier_timeout:Optional[float]=10.0 # seconds per verifier call; slower calls score 0 and are counted (None: no limit)
+    format_pattern:str=r'The answer is -?\d[\d,]*(\.\d+)?\.?\s*$' # regex of the 'regex' (format) verifier
+    python_timeout:float=5.0      # 'python_tests': wall-clock seconds per run
+    python_memory_mb:int=512      # 'python_tests': address-space limit of the child process
+    length_penalty_cache:int=16   # 'length_penalty': tokens before max_completion_length where the penalty starts (DAPO's L_cache)
+    reward_model:Optional[str]=None # 'reward_model': a sequence-classification model directory or Hub id
+    loss_type:Literal['grpo','dr_grpo','dapo']='dapo' # normalisation of the policy-gradient loss
+    num_generations:int=8         # completions sampled per prompt (the group)
+    max_completion_length:int=256 # tokens generated per completion at most
+    temperature:float=1.0         # sampling temperature of the rollouts
+    top_p:float=1.0               # nucleus sampling of the rollouts (1: off; the loss still uses the full distribution)
+    eps_low:float=0.2             # ratio clip below: 1 - eps_low
+    eps_high:float=0.28           # ratio clip above: 1 + eps_high (DAPO's clip-higher)
+    beta:float=0.0                # KL penalty to a frozen reference (0: no reference model in memory)
+    advantage:Literal['group','batch','none']='group' # how rewards are scaled into advantages
+    updates_per_rollout:int=1     # optimizer steps on each rollout batch
+    dynamic_sampling:bool=False   # drop groups whose rewards are all equal (DAPO)
+    dynamic_sampling_rounds:int=4 # with dynamic_sampling: sampling rounds at most to fill a rollout batch
+    sync_every:int=16             # decode steps between host checks for 'all rows stopped'
+    eval_batch_prompts:int=64     # held-out prompts decoded together in evaluate
+    samples_every:int=10          # write a few rollouts to samples.jsonl every N steps (0: never)
+    samples_count:int=4           # rollouts written each time
+
+def validate_rlvr(cfg:'Config'):
+    "Checks of the `rlvr` section (run when `run.stage` is 'rlvr')."
+    r, t = cfg.rlvr, cfg.train
+    _check(bool(r.dataset), "rlvr.dataset", "is empty")
+    _check(r.num_generations >= 2, "rlvr.num_generations", f"a group needs at least 2 completions, got {r.num_generations}")
+    _check(r.max_completion_length > 0, "rlvr.max_completion_length", f"must be positive, got {r.max_completion_length}")
+    _check(r.max_completion_length < cfg.model.max_seq_len, "rlvr.max_completion_length",
+           f"{r.max_completion_length} leaves no room for the prompt under model.max_seq_len={cfg.model.max_seq_len}")
+    _check(r.temperature > 0, "rlvr.temperature", f"must be positive, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rlvr.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.beta >= 0, "rlvr.beta", f"must be >= 0, got {r.beta}")
+    _check(0 <= r.eps_low < 1, "rlvr.eps_low", f"must be in [0, 1), got {r.eps_low}")
+    _check(r.eps_high >= 0, "rlvr.eps_high", f"must be >= 0, got {r.eps_high}")
+    _check(r.updates_per_rollout >= 1, "rlvr.updates_per_rollout", f"must be >= 1, got {r.updates_per_rollout}")
+    _check(r.dynamic_sampling_rounds >= 1, "rlvr.dynamic_sampling_rounds", f"must be >= 1, got {r.dynamic_sampling_rounds}")
+    _check(r.sync_every >= 1, "rlvr.sync_every", f"must be >= 1, got {r.sync_every}")
+    _check(r.eval_batch_prompts >= 1, "rlvr.eval_batch_prompts", f"must be >= 1, got {r.eval_batch_prompts}")
+    _check(r.val_examples >= 0, "rlvr.val_examples", f"must be >= 0, got {r.val_examples}")
+    _check(r.samples_every >= 0 and r.samples_count >= 0, "rlvr.samples_every", "samples_every and samples_count must be >= 0")
+    _check(r.verifier_timeout is None or r.verifier_timeout > 0, "rlvr.verifier_timeout", f"must be positive or null, got {r.verifier_timeout}")
+    seqs = t.micro_batch_size * t.grad_accum_steps
+    _check(seqs % r.num_generations == 0, "rlvr.num_generations",
+           f"train.micro_batch_size × train.grad_accum_steps = {seqs} completions per step must be a multiple of {r.num_generations}")
+    from smollm_kit.verifiers import check_verifier_spec   # names and import paths, without loading any model
+    check_verifier_spec(r.verifier, r.verifier_weights)
+
 # %% ../nbs/00_config.ipynb #c015
 @dataclass
 class Config:
@@ -176,6 +316,9 @@ class Config:
     logging:LoggingConfig=field(default_factory=LoggingConfig)
     cost:CostConfig=field(default_factory=CostConfig)
     stability:StabilityConfig=field(default_factory=StabilityConfig)
+    sft:SFTConfig=field(default_factory=SFTConfig)
+    dpo:DPOConfig=field(default_factory=DPOConfig)
+    rlvr:RLVRConfig=field(default_factory=RLVRConfig)
 
     def to_dict(self)->dict: return asdict(self)
     @property
@@ -240,6 +383,23 @@ def from_dict(cls, d:dict|None, where:str=''):
 def _check(cond:bool, where:str, msg:str):
     if not cond: raise ConfigError(f"{where}: {msg}")
 
+def validate_data(cfg:Config):
+    "Checks of the pretraining data mixture (`data.*`)."
+    _check(cfg.data.val_docs >= 1, "data.val_docs", f"must be >= 1, got {cfg.data.val_docs}")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {cfg.data.shuffle_buffer}")
+    _check(len(cfg.data.domains) > 0, "data.domains", "at least one domain is needed")
+    for i, d in enumerate(cfg.data.domains):
+        _check(d.weight >= 0, f"data.domains[{i}].weight", f"must be >= 0, got {d.weight}")
+        _check(len(d.sources) > 0, f"data.domains[{i}].sources", f"domain {d.name!r} has no sources")
+        for j, src in enumerate(d.sources):
+            _check(src.weight >= 0, f"data.domains[{i}].sources[{j}].weight", f"must be >= 0, got {src.weight}")
+            _check(bool(src.path), f"data.domains[{i}].sources[{j}].path", "is empty")
+        _check(sum(src.weight for src in d.sources) > 0, f"data.domains[{i}].sources", "source weights must sum to something positive")
+    _check(sum(d.weight for d in cfg.data.domains) > 0, "data.domains", "domain weights must sum to something positive")
+    names = [d.name for d in cfg.data.domains]
+    _check(len(set(names)) == len(names), "data.domains", f"domain names must be unique, got {names}")
+
 def validate(cfg:Config)->Config:
     "Raise `ConfigError` naming the field if `cfg` is impossible; return `cfg` otherwise."
     m, t, o, s, c = cfg.model, cfg.train, cfg.optim, cfg.schedule, cfg.checkpoint
@@ -255,7 +415,10 @@ def validate(cfg:Config)->Config:
     for k in ('micro_batch_size','grad_accum_steps','seq_len','eval_batches'):
         _check(getattr(t,k) > 0, f"train.{k}", f"must be positive, got {getattr(t,k)}")
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} is larger than model.max_seq_len={m.max_seq_len}")
-    _check(t.max_steps is not None or t.max_tokens is not None, "train.max_steps", "set train.max_steps or train.max_tokens")
+    _check(t.max_steps is not None or t.max_tokens is not None or t.epochs is not None, "train.max_steps",
+           "set train.max_steps, train.max_tokens or train.epochs")
+    _check(t.epochs is None or t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
+    _check(t.epochs is None or cfg.run.stage != 'pretrain', "train.epochs", "pretraining streams its data: use train.max_steps or train.max_tokens")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be positive, got {t.max_steps}")
     _check(t.max_tokens is None or t.max_tokens > 0, "train.max_tokens", f"must be positive, got {t.max_tokens}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
@@ -279,19 +442,8 @@ def validate(cfg:Config)->Config:
     st = cfg.stability
     _check(st.window >= 2, "stability.window", f"must be >= 2, got {st.window}")
     _check(st.loss_z > 0 and st.grad_norm_z > 0, "stability.loss_z", "z thresholds must be positive")
-    _check(cfg.data.val_docs >= 1, "data.val_docs", f"must be >= 1, got {cfg.data.val_docs}")
-    _check(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
-    _check(len(cfg.data.domains) > 0, "data.domains", "at least one domain is needed")
-    for i, d in enumerate(cfg.data.domains):
-        _check(d.weight >= 0, f"data.domains[{i}].weight", f"must be >= 0, got {d.weight}")
-        _check(len(d.sources) > 0, f"data.domains[{i}].sources", f"domain {d.name!r} has no sources")
-        for j, src in enumerate(d.sources):
-            _check(src.weight >= 0, f"data.domains[{i}].sources[{j}].weight", f"must be >= 0, got {src.weight}")
-            _check(bool(src.path), f"data.domains[{i}].sources[{j}].path", "is empty")
-        _check(sum(src.weight for src in d.sources) > 0, f"data.domains[{i}].sources", "source weights must sum to something positive")
-    _check(sum(d.weight for d in cfg.data.domains) > 0, "data.domains", "domain weights must sum to something positive")
-    names = [d.name for d in cfg.data.domains]
-    _check(len(set(names)) == len(names), "data.domains", f"domain names must be unique, got {names}")
+    if cfg.run.stage == 'pretrain': validate_data(cfg)
+    else: {'sft': validate_sft, 'dpo': validate_dpo, 'rlvr': validate_rlvr}[cfg.run.stage](cfg)
     return cfg
 
 # %% ../nbs/00_config.ipynb #c023
@@ -321,18 +473,56 @@ def _set_dotted(d:dict, key:str, value, cls=Config):
         node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
 
 # %% ../nbs/00_config.ipynb #c025
+class _UniqueKeyLoader(yaml.SafeLoader):
+    "A YAML loader for which a key given twice in one mapping is an error (PyYAML would keep the last silently)."
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+def read_yaml(p:Path)->dict:
+    "A config file's top-level mapping; `ConfigError` (with line and column) for anything else."
+    if p.is_dir(): raise ConfigError(f"config: {p} is a directory, expected a YAML file or a preset name")
+    try: raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ''
+        raise ConfigError(f"config: {p} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"config: cannot read {p}: {e}") from None
+    if raw is None: return {}
+    if not isinstance(raw, dict): raise ConfigError(f"config: {p} must be a mapping of sections (run:, model:, ...), got a {type(raw).__name__}")
+    return raw
+
+def _merge(base:dict, over:dict)->dict:
+    "Deep-merge `over` into `base`: mappings merge key by key, anything else (lists included) is replaced."
+    out = dict(base)
+    for k, v in over.items(): out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+def _resolve(name_or_path:str|Path, chain:tuple=())->dict:
+    "The raw mapping of a preset or YAML file, with `inherit: <preset or path>` resolved."
+    p = Path(name_or_path)
+    if str(name_or_path) in list_presets(): p = PRESET_DIR/f'{name_or_path}.yaml'
+    elif not p.exists():
+        raise ConfigError(f"config: no preset or file named {str(name_or_path)!r}{_suggest(str(name_or_path), list_presets())}")
+    if str(p.resolve()) in chain: raise ConfigError(f"config: {p}: `inherit` loops back to itself")
+    raw = read_yaml(p)
+    parent = raw.pop('inherit', None)
+    if parent is None: return raw
+    if not isinstance(parent, str): raise ConfigError(f"inherit: expected a preset name or a YAML path, got {parent!r} in {p}")
+    if not Path(parent).is_absolute() and parent not in list_presets() and (p.parent/parent).exists(): parent = str(p.parent/parent)
+    return _merge(_resolve(parent, chain + (str(p.resolve()),)), raw)
+
 def load_config(name_or_path:str|Path|dict='tiny', # preset name, YAML path, or a plain dict
                 overrides:dict|list|None=None,      # {'train.max_steps': 20} or ['train.max_steps=20', ...]
                )->Config:
-    "Load a preset or YAML file, apply dotted overrides, and validate."
-    if isinstance(name_or_path, dict): raw = name_or_path
-    else:
-        p = Path(name_or_path)
-        if str(name_or_path) in list_presets(): p = PRESET_DIR/f'{name_or_path}.yaml'
-        elif not p.exists():
-            raise ConfigError(f"config: no preset or file named {str(name_or_path)!r}{_suggest(str(name_or_path), list_presets())}")
-        try: raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(f"config: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    "Load a preset or YAML file (resolving `inherit:`), apply dotted overrides, and validate."
+    raw = name_or_path if isinstance(name_or_path, dict) else _resolve(name_or_path)
+    if not isinstance(raw, dict): raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
     if isinstance(overrides, (list, tuple)): overrides = dict(parse_override(o) for o in overrides)
     for k, v in (overrides or {}).items(): _set_dotted(raw, k, v)
@@ -342,3 +532,4 @@ def save_config(cfg:Config, path:str|Path):
     "Write the resolved config as YAML."
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+

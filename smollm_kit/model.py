@@ -16,8 +16,8 @@ from .config import ModelConfig
 
 # %% auto #0
 __all__ = ['doc_segments', 'rope_cos_sin', 'apply_rope', 'pick_attn_backend', 'AttnContext', 'attend', 'Attention', 'MLP',
-           'Block', 'KVCache', 'init_std', 'check_inputs', 'attn_context', 'ChunkedLinearCrossEntropy', 'SmolLM',
-           'count_params']
+           'Block', 'KVCache', 'init_std', 'check_inputs', 'attn_context', 'compute_dtype', 'ChunkedLinearCrossEntropy',
+           'ChunkedTokenLogprobs', 'SmolLM', 'count_params', 'MatmulDtypeAudit']
 
 # %% ../nbs/01_model.ipynb #c007
 def doc_segments(doc_ids:torch.Tensor,    # (B, T) integer document id of every token
@@ -221,8 +221,9 @@ def _is_int(t)->bool: return isinstance(t, torch.Tensor) and not (t.dtype.is_flo
 def check_inputs(cfg:ModelConfig,                # the model's config
                  input_ids:torch.Tensor,          # (B, T) token ids
                  doc_ids:Optional[torch.Tensor]=None, # (B, T) document ids
-                 labels:Optional[torch.Tensor]=None,  # (B, T) targets, -100 = ignore
+                 targets:Optional[torch.Tensor]=None, # (B, T) next-token targets, -100 = ignore
                  cache:Optional[KVCache]=None,    # KV cache the chunk will be appended to
+                 weights:Optional[torch.Tensor]=None, # (B, T) per-token loss weights
                 ):
     "Raise a `ValueError` naming the argument if the batch does not fit the model."
     if not _is_int(input_ids):
@@ -231,19 +232,22 @@ def check_inputs(cfg:ModelConfig,                # the model's config
         raise ValueError(f"input_ids: expected shape (batch, seq_len) with seq_len >= 1, got {tuple(input_ids.shape)}")
     n = input_ids.shape[1] + (cache.len if cache is not None else 0)
     if n > cfg.max_seq_len: raise ValueError(f"input_ids: sequence length {n} exceeds model.max_seq_len={cfg.max_seq_len}")
-    for name, t in (('doc_ids', doc_ids), ('labels', labels)):
+    for name, t in (('doc_ids', doc_ids), ('targets', targets), ('weights', weights)):
         if t is None: continue
-        if not _is_int(t): raise ValueError(f"{name}: expected an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if name != 'weights' and not _is_int(t): raise ValueError(f"{name}: expected an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if name == 'weights' and not (torch.is_tensor(t) and t.is_floating_point()): raise ValueError(f"weights: expected a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.shape != input_ids.shape: raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(t.shape)}")
+    if weights is not None and targets is None: raise ValueError("weights: only meaningful together with targets")
     if cache is not None:
-        if labels is not None: raise ValueError("labels: not supported together with a KV cache (the cache is for generation)")
+        if targets is not None: raise ValueError("targets: not supported together with a KV cache (the cache is for generation)")
         if input_ids.shape[0] != cache.batch_size: raise ValueError(f"input_ids: batch size {input_ids.shape[0]} does not match the KV cache's {cache.batch_size}")
         if n > cache.max_len: raise ValueError(f"input_ids: {n} tokens do not fit the KV cache (max_len={cache.max_len})")
     V = cfg.vocab_size
-    bad = ((labels != -100) & ((labels < 0) | (labels >= V))).sum() if labels is not None else input_ids.new_zeros(())
+    bad = ((targets != -100) & ((targets < 0) | (targets >= V))).sum() if targets is not None else input_ids.new_zeros(())
     lo, hi, nbad = torch.stack([input_ids.min().long(), input_ids.max().long(), bad.long()]).tolist()  # one host sync
     if lo < 0 or hi >= V: raise ValueError(f"input_ids: token id {lo if lo < 0 else hi} is out of range [0, {V}) (model.vocab_size)")
-    if nbad: raise ValueError(f"labels: {nbad} values are neither -100 (ignore) nor a token id in [0, {V})")
+    if nbad: raise ValueError(f"targets: {nbad} values are neither -100 (ignore) nor a token id in [0, {V})")
+
 
 # %% ../nbs/01_model.ipynb #c028
 def attn_context(cfg:ModelConfig,
@@ -281,32 +285,39 @@ def attn_context(cfg:ModelConfig,
     return AttnContext('sdpa', cos, sin, mask=(causal & (seg[:, :, None] == seg[:, None, :]))[:, None]), None
 
 # %% ../nbs/01_model.ipynb #c032
+def compute_dtype(h:torch.Tensor)->torch.dtype:
+    "The dtype autocast would give a matmul on `h`'s device, or `h.dtype` outside autocast."
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    "Summed cross-entropy of `h @ w.T` against `y`, a chunk of tokens at a time; gradients are computed in the forward."
+    "Summed (weighted) cross-entropy of `h @ w.T` against `y`, a chunk of tokens at a time; gradients computed in the forward."
     @staticmethod
-    def forward(ctx, h:torch.Tensor, # (N, d_model) final hidden states
-                w:torch.Tensor,      # (vocab, d_model) output projection
-                y:torch.Tensor,      # (N,) targets, -100 = ignore
-                chunk:int):          # tokens per chunk
+    def forward(ctx, h:torch.Tensor,   # (N, d_model) final hidden states
+                w:torch.Tensor,        # (vocab, d_model) output projection
+                y:torch.Tensor,        # (N,) targets, -100 = ignore
+                weights:Optional[torch.Tensor], # (N,) per-token weights, or None for 1
+                chunk:int,             # tokens per chunk
+                dt:torch.dtype,        # matmul dtype (see `compute_dtype`)
+                need_grad:bool):       # False under no_grad: skip the gradient work
         with torch.autocast(h.device.type, enabled=False):
-            wc = w.to(h.dtype)                               # what autocast would feed the matmul
-            need_h, need_w = h.requires_grad, w.requires_grad
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            hd, wc = h.to(dt), w.to(dt)
+            grad_h = torch.empty_like(h) if need_grad else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for i in range(0, len(y), chunk):
-                hc, yc = h[i:i+chunk], y[i:i+chunk]
+                hc, yc = hd[i:i+chunk], y[i:i+chunk]
                 logits = (hc @ wc.T).float()                 # (C, vocab) fp32: the only logits alive
                 lse = torch.logsumexp(logits, -1)
-                valid = yc != -100
+                scale = (yc != -100).float() if weights is None else (yc != -100) * weights[i:i+chunk].float()
                 tgt = yc.clamp(min=0)
-                total += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * valid).sum()
-                if not (need_h or need_w): continue
+                total += ((lse - logits.gather(1, tgt[:, None])[:, 0]) * scale).sum()
+                if not need_grad: continue
                 g = logits.sub_(lse[:, None]).exp_()         # softmax, in place
                 g[torch.arange(len(yc), device=g.device), tgt] -= 1
-                g = (g * valid[:, None]).to(h.dtype)         # d loss_sum / d logits
-                if need_h: grad_h[i:i+chunk] = g @ wc
-                if need_w: grad_w += (g.T @ hc).float()
+                g = (g * scale[:, None]).to(dt)              # d loss_sum / d logits
+                grad_h[i:i+chunk] = g @ wc
+                grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
@@ -314,8 +325,56 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None)
+        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.w_dtype), None, None, None, None, None)
+
+
+# %% ../nbs/01_model.ipynb #n000
+def _chunk_logits(hc, wc):
+    with torch.autocast(hc.device.type, enabled=False): return (hc @ wc.T).float()
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    "log p(y_t) under `softmax(h @ w.T)` per token, a chunk at a time; the backward recomputes each chunk's logits."
+    @staticmethod
+    def forward(ctx, h:torch.Tensor,   # (N, d_model) final hidden states
+                w:torch.Tensor,        # (vocab, d_model) output projection
+                y:torch.Tensor,        # (N,) targets, -100 = ignore (log-prob 0)
+                chunk:int, dt:torch.dtype):
+        hd, wc = h.to(dt), w.to(dt)
+        out = torch.zeros(len(y), dtype=torch.float32, device=h.device)
+        ent = torch.zeros(len(y), dtype=torch.float32, device=h.device)
+        for i in range(0, len(y), chunk):
+            logits, yc = _chunk_logits(hd[i:i+chunk], wc), y[i:i+chunk]
+            lse = torch.logsumexp(logits, -1)
+            valid = yc != -100
+            out[i:i+chunk] = (logits.gather(1, yc.clamp(min=0)[:, None])[:, 0] - lse) * valid
+            ent[i:i+chunk] = (lse - (logits.softmax(-1) * logits).sum(-1)) * valid   # entropy of the next-token distribution
+        ctx.save_for_backward(h, w, y)
+        ctx.chunk, ctx.dt = chunk, dt
+        ctx.mark_non_differentiable(ent)
+        return out, ent
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_ent):
+        h, w, y = ctx.saved_tensors
+        dt, need_h, need_w = ctx.dt, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hd, wc = h.to(dt), w.to(dt)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        for i in range(0, len(y), ctx.chunk):
+            hc, yc = hd[i:i+ctx.chunk], y[i:i+ctx.chunk]
+            g = -_chunk_logits(hc, wc).softmax(-1)                     # d log p(y) / d logits = onehot - softmax
+            g[torch.arange(len(yc), device=g.device), yc.clamp(min=0)] += 1
+            g = (g * (grad_out[i:i+ctx.chunk] * (yc != -100))[:, None]).to(dt)
+            with torch.autocast(h.device.type, enabled=False):
+                if need_h: grad_h[i:i+ctx.chunk] = g @ wc
+                if need_w: grad_w += (g.T @ hc).float()
+        return grad_h, grad_w.to(w.dtype) if need_w else None, None, None, None
+
+
+# %% ../nbs/01_model.ipynb #n002
+_LABELS_ERROR = ("SmolLM.forward takes `targets`, already shifted (targets[:, t] is the token after input_ids[:, t], "
+                 "-100 = ignore), not Hugging Face style `labels`; for plain next-token training pass "
+                 "targets=F.pad(input_ids[:, 1:], (0, 1), value=-100)")
 
 class SmolLM(nn.Module):
     "SmolLM3-style decoder-only language model."
@@ -367,14 +426,8 @@ class SmolLM(nn.Module):
         "An empty KV cache for `batch_size` rows of up to `max_len` tokens (default: model.max_seq_len)."
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, self.device, self.dtype)
 
-    def forward(self,
-                input_ids:torch.Tensor,              # (B, T) token ids
-                doc_ids:Optional[torch.Tensor]=None, # (B, T) document ids; None: one document per row
-                labels:Optional[torch.Tensor]=None,  # (B, T) targets aligned with input_ids, -100 = ignore
-                cache:Optional[KVCache]=None,        # KV cache: the chunk continues the cached tokens (generation)
-               )->torch.Tensor:
-        "Logits (B, T, vocab_size), or the mean loss over labelled tokens when `labels` is given."
-        if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, labels, cache)
+    def hidden(self, input_ids:torch.Tensor, doc_ids:Optional[torch.Tensor]=None, cache:Optional[KVCache]=None)->torch.Tensor:
+        "Final normed hidden states (B, T, d_model): everything but the output head."
         B, T = input_ids.shape
         ctx, rec = attn_context(self.cfg, doc_ids, B, T, input_ids.device, cache)
         x = self.embed_tokens(input_ids if input_ids.dtype in (torch.int32, torch.int64) else input_ids.long())  # (B, T, d_model)
@@ -383,11 +436,43 @@ class SmolLM(nn.Module):
             if self.activation_checkpointing and torch.is_grad_enabled(): x = checkpoint(layer, x, ctx, use_reentrant=False)
             else: x = layer(x, ctx)
         if cache is not None: cache.advance(*rec)
-        x = self.norm(x)
-        if labels is None: return self.lm_head(x)
-        y = labels.flatten().long()
-        total = ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, y, self.cfg.loss_chunk_size)
-        return total / (y != -100).sum().clamp(min=1)
+        return self.norm(x)
+
+    def forward(self,
+                input_ids:torch.Tensor,              # (B, T) token ids
+                doc_ids:Optional[torch.Tensor]=None, # (B, T) document ids; None: one document per row
+                targets:Optional[torch.Tensor]=None, # (B, T) next-token targets (already shifted), -100 = ignore
+                cache:Optional[KVCache]=None,        # KV cache: the chunk continues the cached tokens (generation)
+                *, weights:Optional[torch.Tensor]=None, # (B, T) per-token loss weights (with targets)
+                reduction:str='mean',                # with targets: 'mean' over targeted tokens, or 'sum'
+                labels=None,                         # refused: see `targets`
+               )->torch.Tensor:
+        "Logits (B, T, vocab_size), or the loss over targeted tokens when `targets` is given."
+        if labels is not None: raise ValueError(_LABELS_ERROR)
+        if reduction not in ('mean', 'sum'): raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+        if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets, cache, weights)
+        x = self.hidden(input_ids, doc_ids, cache)
+        if targets is None: return self.lm_head(x)
+        y = targets.flatten().long()
+        w = weights.flatten() if weights is not None else None
+        total = ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, y, w, self.cfg.loss_chunk_size,
+                                                compute_dtype(x), torch.is_grad_enabled())
+        return total if reduction == 'sum' else total / (y != -100).sum().clamp(min=1)
+
+    def token_logprobs(self,
+                       input_ids:torch.Tensor,              # (B, T) token ids
+                       targets:torch.Tensor,                # (B, T) next-token targets (already shifted), -100 = ignore
+                       doc_ids:Optional[torch.Tensor]=None, # (B, T) document ids
+                       return_entropy:bool=False,           # also return the (no-grad) entropy of every next-token distribution
+                      ):
+        "float32 (B, T) log p(targets[:, t] | prefix), 0 where targets == -100; differentiable and chunked."
+        if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets)
+        x = self.hidden(input_ids, doc_ids)
+        lp, ent = ChunkedTokenLogprobs.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten().long(),
+                                             self.cfg.loss_chunk_size, compute_dtype(x))
+        lp, ent = lp.view(targets.shape), ent.view(targets.shape)
+        return (lp, ent) if return_entropy else lp
+
 
 # %% ../nbs/01_model.ipynb #c038
 def count_params(cfg:ModelConfig)->dict:
@@ -396,3 +481,21 @@ def count_params(cfg:ModelConfig)->dict:
     total = sum(p.numel() for p in m.parameters())  # a tied weight is counted once
     emb = m.embed_tokens.weight.numel() + (0 if cfg.tie_embeddings else m.lm_head.weight.numel())
     return dict(total=total, embedding=emb, non_embedding=total - emb)
+
+# %% ../nbs/01_model.ipynb #n008
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class MatmulDtypeAudit(TorchDispatchMode):
+    "Record `(op, operand dtypes)` of every matmul and attention kernel that runs inside the `with` block."
+    OPS = ('mm', 'addmm', 'bmm', 'baddbmm', 'matmul', 'linear', '_scaled_dot_product', 'flash', 'efficient_attention')
+    def __init__(self): super().__init__(); self.calls = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__ if hasattr(func, '__name__') else str(func)
+        if any(name.split('.')[0].lstrip('_').startswith(o.lstrip('_')) or o in name for o in self.OPS):
+            floats = [a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()]
+            self.calls.append((name, tuple(floats[:3])))  # operands; later ones are e.g. attention's fp32 logsumexp
+        return func(*args, **(kwargs or {}))
+    def not_in(self, dtype:torch.dtype)->list:
+        "Calls with a floating input that is not `dtype`."
+        return [c for c in self.calls if any(d != dtype for d in c[1])]
+

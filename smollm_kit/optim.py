@@ -13,7 +13,7 @@ from .config import OptimConfig, ScheduleConfig
 
 # %% auto #0
 __all__ = ['EMBED_NAMES', 'group_of', 'muon_lr_mult', 'param_table', 'format_param_table', 'MuonAdamW', 'newton_schulz', 'Muon',
-           'build_optimizer', 'wsd_factor']
+           'build_optimizer', 'wsd_factor', 'lr_factor']
 
 # %% ../nbs/03_optim.ipynb #c005
 EMBED_NAMES = ('embed_tokens.weight', 'lm_head.weight')
@@ -32,7 +32,8 @@ def muon_lr_mult(shape)->float:
     return math.sqrt(max(1.0, shape[0] / shape[1]))
 
 def _base_lrs(cfg:OptimConfig)->dict:
-    return {'muon': cfg.muon_lr, 'embed': cfg.embed_lr if cfg.embed_lr is not None else cfg.adamw_lr, 'adamw': cfg.adamw_lr}
+    return {'muon': cfg.muon_lr, 'embed': cfg.embed_lr if cfg.embed_lr is not None else cfg.adamw_lr, 'adamw': cfg.adamw_lr,
+            'matrix': cfg.adamw_lr}
 
 def param_table(model:nn.Module, # the model whose trainable parameters are grouped
                 cfg:OptimConfig,  # learning rates and weight decay
@@ -44,9 +45,10 @@ def param_table(model:nn.Module, # the model whose trainable parameters are grou
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
         g = group_of(n, p)
+        if g == 'muon' and cfg.name == 'adamw': g = 'matrix'   # AdamW-only (post-training): matrices in AdamW, with decay
         mult = muon_lr_mult(p.shape) if g == 'muon' else 1.0
         rows.append(dict(name=' = '.join(aliases[id(p)]), param=n, shape=tuple(p.shape), numel=p.numel(), group=g,
-                         lr=lrs[g], lr_mult=mult, effective_lr=lrs[g]*mult, weight_decay=cfg.weight_decay if g == 'muon' else 0.0))
+                         lr=lrs[g], lr_mult=mult, effective_lr=lrs[g]*mult, weight_decay=cfg.weight_decay if g in ('muon', 'matrix') else 0.0))
     return rows
 
 # %% ../nbs/03_optim.ipynb #c010
@@ -154,7 +156,7 @@ class Muon(torch.optim.Muon):
 def build_optimizer(model:nn.Module, # model with HF Llama parameter names
                     cfg:OptimConfig,  # `cfg.optim`
                    )->MuonAdamW:
-    "Group `model`'s parameters and build Muon (block matrices) + AdamW (embeddings, norms, the rest)."
+    "Group `model`'s parameters and build Muon (block matrices) + AdamW (embeddings, norms, the rest), or AdamW for all."
     if not hasattr(torch.optim, 'Muon'):
         raise RuntimeError(f"optim: torch.optim.Muon needs torch>=2.9, found torch {torch.__version__}")
     rows, params = param_table(model, cfg), dict(model.named_parameters())
@@ -163,7 +165,8 @@ def build_optimizer(model:nn.Module, # model with HF Llama parameter names
     if any(r['group'] == 'muon' for r in rows):
         opts['muon'] = Muon([pg('muon')], lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                                         nesterov=True, adjust_lr_fn='original')
-    adam_groups = [pg(g, weight_decay=0.0) for g in ('embed', 'adamw') if any(r['group'] == g for r in rows)]
+    adam_groups = [pg(g, weight_decay=cfg.weight_decay if g == 'matrix' else 0.0)
+                   for g in ('matrix', 'embed', 'adamw') if any(r['group'] == g for r in rows)]
     if adam_groups: opts['adamw'] = torch.optim.AdamW(adam_groups, lr=cfg.adamw_lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0)
     if not opts: raise ValueError("optim: the model has no trainable parameters")
     return MuonAdamW(opts, rows)
@@ -183,3 +186,18 @@ def wsd_factor(step:int,          # optimizer steps done before this update (0-b
     p = min(1.0, (step - start) / decay_steps) if decay_steps else 1.0
     shape = 1 - math.sqrt(p) if cfg.decay_shape == '1-sqrt' else 1 - p
     return min(warm, cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+# %% ../nbs/03_optim.ipynb #n001
+def lr_factor(step:int,          # optimizer steps done before this update (0-based)
+              total_steps:int,   # optimizer steps in the whole run
+              cfg:ScheduleConfig, # `cfg.schedule`: name, warmup_steps, min_lr_ratio (+ WSD's decay settings)
+             )->float:
+    "LR multiplier for the update at `step` under the schedule `cfg.name` ('wsd', 'cosine' or 'constant')."
+    if cfg.name == 'wsd': return wsd_factor(step, total_steps, cfg)
+    if total_steps <= 0: raise ValueError(f"schedule: total_steps must be positive, got {total_steps}")
+    if step < 0: raise ValueError(f"schedule: step must be >= 0, got {step}")
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.name == 'constant' or step < cfg.warmup_steps: return warm
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+

@@ -6,32 +6,49 @@ Docs: https://smollm-kit.github.io/smollm_kit/pretrain.html.md"""
 
 # %% ../nbs/07_pretrain.ipynb #c002
 from __future__ import annotations
-import torch
+import math, torch
 from .config import Config, load_config
-from .model import SmolLM
 from .data import load_tokenizer, PretrainData
+from .export import init_model
 from .trainer import Trainer, Stage, TrainResult, lm_loss, init_distributed, pick_device
 
+
 # %% auto #0
-__all__ = ['pretrain_stage', 'pretrain']
+__all__ = ['PretrainStage', 'pretrain']
 
 # %% ../nbs/07_pretrain.ipynb #c005
-def pretrain_stage(cfg:Config, tokenizer, rank:int=0, world_size:int=1)->Stage:
-    "The batch source and loss of pretraining."
-    data = PretrainData(cfg, tokenizer, rank=rank, world_size=world_size)
-    return Stage('pretrain', next_batch=data.next_batch, state=data, loss=lm_loss, val_batches=data.val_batches,
-                 close=data.close)
+class PretrainStage(Stage):
+    "Next-token prediction on the packed, mixed corpus; held-out loss per domain."
+    name, key_metric = 'pretrain', 'val/loss'
+    def __init__(self, cfg:Config, tokenizer, rank:int=0, world_size:int=1):
+        t = cfg.train
+        self.data = PretrainData(cfg.data, tokenizer, t.seq_len, t.micro_batch_size, t.eval_batches, cfg.run.seed, rank, world_size)
+    def next_batch(self, ctx): return self.data.next_batch()
+    def loss(self, model, batch): return lm_loss(model, batch)
+    def evaluate(self, ctx)->dict:
+        out, total, count = {}, 0.0, 0
+        for domain, batches in self.data.val_batches().items():
+            s = n = 0
+            for b in batches:
+                b = {k: v.to(ctx.device) for k, v in b.items()}
+                loss_sum, m, _ = lm_loss(ctx.model, b)
+                s, n = s + loss_sum.float().item(), n + int(m)
+            out[f'val/loss/{domain}'] = s / max(n, 1); total += s; count += n
+        if count: out['val/loss'] = total / count; out['val/ppl'] = math.exp(min(out['val/loss'], 50))
+        return out
+    def state_dict(self): return self.data.state_dict()
+    def load_state_dict(self, sd): self.data.load_state_dict(sd)
+    def close(self): self.data.close()
 
 def pretrain(cfg:Config|str='tiny',           # a Config, or a preset name / YAML path
              callbacks:list|None=None,        # each gets every metrics record (live plots)
              resume:str|None=None,            # override checkpoint.resume: 'auto' | 'always' | 'never'
              force:bool=False,                # resume despite unsafe config changes
             )->TrainResult:
-    "Pretrain a SmolLM from scratch as `cfg` describes; resumes from the run directory's newest checkpoint."
+    "Pretrain a SmolLM as `cfg` describes (from scratch, or from `run.init_from`); resumes from the run directory."
     if not isinstance(cfg, Config): cfg = load_config(cfg)
     dist = init_distributed(pick_device(cfg.run.device))
-    tokenizer = load_tokenizer(cfg)
-    torch.manual_seed(cfg.run.seed)
-    model = SmolLM(cfg.model)
-    stage = pretrain_stage(cfg, tokenizer, dist.rank, dist.world_size)
+    model, tokenizer = init_model(cfg)
+    stage = PretrainStage(cfg, tokenizer, dist.rank, dist.world_size)
     return Trainer(cfg, model, stage, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force, dist=dist).fit()
+

@@ -6,35 +6,75 @@ Docs: https://smollm-kit.github.io/smollm_kit/trainer.html.md"""
 
 # %% ../nbs/06_trainer.ipynb #c002
 from __future__ import annotations
-import contextlib, math, os, sys, time, warnings
+import contextlib, dataclasses, math, os, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Any
 import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
-from .config import Config, ConfigError, save_config, patch_to
-from .optim import build_optimizer, wsd_factor
+from .config import Config, ConfigError, save_config
+from .optim import build_optimizer, lr_factor
 from .checkpoint import CheckpointManager, GracefulInterrupt, capture_rng, restore_rng, check_resume_compat
 from .monitor import (MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
+
 # %% auto #0
-__all__ = ['lm_loss', 'Stage', 'pick_device', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer']
+__all__ = ['Stage', 'lm_loss', 'StageContext', 'pick_device', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult',
+           'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #c005
-def lm_loss(model:nn.Module, batch:dict)->torch.Tensor:
-    "Next-token loss of a packed batch: the pretraining objective."
-    return model(batch['input_ids'], doc_ids=batch.get('doc_ids'), labels=batch['labels'])
-
-@dataclass
 class Stage:
-    name:str                                   # 'pretrain', 'sft', ...: shown in logs
-    next_batch:Callable[[], dict]              # returns the next training micro-batch
-    state:Any                                  # object with state_dict()/load_state_dict(): the batch stream position
-    loss:Callable[[nn.Module, dict], torch.Tensor]=lm_loss # mean loss of one micro-batch
-    val_batches:Optional[Callable[[], dict]]=None # {domain: [batch, ...]} fixed validation sets
-    tokens:Callable[[dict], int]=lambda b: b['input_ids'].numel() # tokens a batch trains on
-    close:Callable[[], None]=lambda: None      # release workers at the end
+    "What a training stage supplies to the `Trainer`: batches, a summed loss, evaluation and resumable state."
+    name:str = 'stage'             # 'pretrain' | 'sft' | 'dpo' | 'rlvr': logged and stored in checkpoints
+    key_metric:str = 'val/loss'    # the held-out metric that says whether the stage worked
+
+    def frozen_models(self)->dict[str, tuple[nn.Module, str]]: return {}  # name -> (module, source path)
+    def setup(self, ctx:StageContext): pass                          # once, after resume, before the first step
+    def next_batch(self, ctx:StageContext)->dict: raise NotImplementedError
+    def loss(self, model:nn.Module, batch:dict)->tuple[torch.Tensor, Any, dict]: raise NotImplementedError
+    def step_metrics(self)->dict: return {}                          # already-averaged extras for this step
+    def evaluate(self, ctx:StageContext)->dict: return {}           # held-out metrics ('val/...')
+    def tokens(self, batch:dict)->int: return int(batch['input_ids'].numel())
+    def budget_steps(self, train_cfg, world_size:int)->Optional[int]: return None  # steps for `train.epochs`
+    def state_dict(self)->dict: return {}
+    def load_state_dict(self, sd:dict): pass
+    def close(self): pass
+
+def lm_loss(model:nn.Module, batch:dict)->tuple[torch.Tensor, torch.Tensor, dict]:
+    "Summed next-token loss of a packed batch and its number of target tokens: pretraining's (and SFT's) objective."
+    t = batch['targets']
+    return model(batch['input_ids'], doc_ids=batch.get('doc_ids'), targets=t, reduction='sum'), (t != -100).sum(), {}
+
+
+# %% ../nbs/06_trainer.ipynb #t002
+class StageContext:
+    "The Trainer's view given to a stage: the live model, device, precision, ranks, frozen models, and modes."
+    def __init__(self, trainer:Trainer): self._t = trainer
+    model = property(lambda self: self._t.model, doc="the unwrapped model being trained (live weights)")
+    device = property(lambda self: self._t.device)
+    precision = property(lambda self: self._t.precision)
+    rank = property(lambda self: self._t.dist.rank)
+    world_size = property(lambda self: self._t.dist.world_size)
+    step = property(lambda self: self._t.step, doc="optimizer steps done")
+    frozen = property(lambda self: self._t.frozen, doc="the stage's frozen models, on the device, in eval mode")
+    run_dir = property(lambda self: self._t.run_dir)
+    def autocast(self): return self._t.autocast()
+    def log(self, record:dict): self._t.log({'step': self._t.step, 'tokens': self._t.tokens, **record})
+
+    @contextlib.contextmanager
+    def inference(self):
+        "Eval mode, no grad, autocast, uncompiled blocks; restores the training mode afterwards."
+        m, was_training = self.model, self.model.training
+        compiled = [(mod, mod._compiled_call_impl) for mod in m.modules() if getattr(mod, '_compiled_call_impl', None) is not None]
+        for mod, _ in compiled: mod._compiled_call_impl = None
+        m.eval()
+        try:
+            with torch.no_grad(), self.autocast(): yield m
+        finally:
+            for mod, f in compiled: mod._compiled_call_impl = f
+            m.train(was_training)
+
 
 # %% ../nbs/06_trainer.ipynb #c007
 def pick_device(name:str='auto')->torch.device:
@@ -73,13 +113,16 @@ def init_distributed(device:torch.device)->DistInfo:
 @dataclass
 class TrainResult:
     model:nn.Module; tokenizer:Any; run_dir:Path; step:int; tokens:int
-    metrics:dict=field(default_factory=dict)   # the last logged record, with the last val/loss merged in
+    metrics:dict=field(default_factory=dict)   # the last logged record, with the last val/* merged in
     resumed_from:Optional[int]=None            # step the run resumed from, if it did
     interrupted:bool=False                     # stopped by SIGTERM / KeyboardInterrupt (after saving)
+    stage:str='pretrain'                       # the stage that ran
+    first_eval:dict=field(default_factory=dict) # held-out metrics before the first step (for "before -> after")
+
 
 # %% ../nbs/06_trainer.ipynb #c014
 class Trainer:
-    "Train `model` on a `Stage` as described by `cfg`, with checkpoints, monitors and exact resume."
+    "Train `model` on a `Stage` as `cfg` describes, with checkpoints, monitors and exact resume."
     def __init__(self, cfg:Config, model:nn.Module, stage:Stage,
                  tokenizer=None,                 # saved into every checkpoint so it is self-contained
                  callbacks:list[Callable[[dict], None]]|None=None, # each gets every metrics.jsonl record
@@ -93,18 +136,42 @@ class Trainer:
         self.precision = pick_precision(cfg.train.precision, self.device)
         self.run_dir = cfg.run_dir
         self.model = model.to(self.device)
+        self.lineage = getattr(model, 'init_lineage', None)   # set by `init_model` when started from other weights
         if cfg.train.activation_checkpointing: self.model.set_activation_checkpointing(True)
+        self.frozen, self.frozen_sources = self._freeze(stage.frozen_models())
         self.opt = build_optimizer(self.model, cfg.optim)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16')
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, rank=self.dist.rank)
         self.stability = StabilityMonitor(cfg.stability)
         self.hw = hardware(cfg.cost, self.dist.world_size)
-        self.total_steps, total_tokens = run_length(cfg.train, self.dist.world_size)
+        self.total_steps = self._total_steps()
+        self.tokens_per_step = cfg.train.tokens_per_step(self.dist.world_size)
         peak = self.hw['peak_tflops'] * 1e12 * self.dist.world_size if self.hw['peak_tflops'] else None
         self.speed = ThroughputMeter(flops_per_token(cfg.model, cfg.train.seq_len), peak_flops=peak)
-        self.cost = CostTracker(self.hw['usd_per_hour'], total_tokens)
+        self.cost = CostTracker(self.hw['usd_per_hour'], self.total_steps * self.tokens_per_step)
         self.step, self.tokens, self.resumed_from, self.saved_step = 0, 0, None, None
+        self.ctx = StageContext(self)
         self.train_model = self._wrap(self.model)
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _freeze(self, models:dict)->tuple[dict, dict]:
+        "Move the stage's frozen models to the device in the compute dtype, eval mode, no gradients."
+        dtype = torch.bfloat16 if self.precision == 'bf16' else torch.float32
+        frozen, sources = {}, {}
+        for name, (m, src) in models.items():
+            frozen[name] = m.to(self.device, dtype=dtype).eval().requires_grad_(False)
+            sources[name] = str(src)
+        return frozen, sources
+
+    def _total_steps(self)->int:
+        "Optimizer steps of the run: the first budget reached among max_steps, max_tokens and epochs."
+        t, ws, steps = self.cfg.train, self.dist.world_size, []
+        if t.max_steps or t.max_tokens: steps.append(run_length(t, ws)[0])
+        if t.epochs:
+            s = self.stage.budget_steps(t, ws)
+            if s is None: raise ConfigError(f"train.epochs: the {self.stage.name} stage cannot count epochs; set train.max_steps")
+            steps.append(max(1, s))
+        return min(steps)
 
     def _wrap(self, model):
         "Compile the blocks when asked and wrap in DDP across ranks; `self.model` (same parameters) is what we save."
@@ -113,210 +180,218 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
         return model
 
-# %% ../nbs/06_trainer.ipynb #c016
-@patch_to(Trainer)
-def autocast(self:Trainer):
-    "The autocast context for the forward pass."
-    if self.precision == 'fp32': return contextlib.nullcontext()
-    return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == 'bf16' else torch.float16)
+    def autocast(self):
+        "The autocast context for forward passes."
+        if self.precision == 'fp32': return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == 'bf16' else torch.float16)
 
-@patch_to(Trainer)
-def _to_device(self:Trainer, batch:dict)->dict:
-    return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k,v in batch.items()}
+    def _to_device(self, batch:dict)->dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k,v in batch.items()}
 
-@patch_to(Trainer)
-def train_step(self:Trainer)->dict:
-    "Accumulate gradients over the micro-batches of one step, check stability, and update."
-    accum, n_tokens, loss_sum = self.cfg.train.grad_accum_steps, 0, torch.zeros((), device=self.device)
-    for i in range(accum):
-        batch = self._to_device(self.stage.next_batch())
-        n_tokens += self.stage.tokens(batch)
-        sync = self.dist.world_size == 1 or i == accum - 1  # DDP: all-reduce only on the last micro-batch
-        with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
-            with self.autocast(): loss = self.stage.loss(self.train_model, batch)
-            self.scaler.scale(loss / accum).backward()
-        loss_sum += loss.detach().float()
-    self.scaler.unscale_(self.opt) if self.scaler.is_enabled() else None
-    clip = self.cfg.optim.grad_clip or float('inf')
-    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-    loss = (loss_sum / accum).item()
-    events = self.stability.check(self.step + 1, loss, grad_norm)
-    actions = {e.get('action') for e in events}
-    if 'skip' in actions or 'rollback' in actions or not math.isfinite(loss) or not math.isfinite(grad_norm):
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled(): self.scaler.update()
-    else:
-        self.scaler.step(self.opt) if self.scaler.is_enabled() else self.opt.step()
-        if self.scaler.is_enabled(): self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-    return dict(loss=loss, grad_norm=grad_norm, tokens=n_tokens * self.dist.world_size, events=events)
+    # -- one step --------------------------------------------------------------------------------------------------
+    def train_step(self)->dict:
+        "Accumulate gradients of summed losses over the step's micro-batches, normalise globally, check stability, update."
+        accum, dev = self.cfg.train.grad_accum_steps, self.device
+        n_total, loss_total, n_tokens, scale = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, None
+        sums, counts = {}, {}                     # metric sums; counts[k] is None when averaged by n
+        for i in range(accum):
+            batch = self._to_device(self.stage.next_batch(self.ctx))
+            tokens = self.stage.tokens(batch); n_tokens += tokens
+            if scale is None: scale = 1.0 / max(tokens, 1)
+            sync = self.dist.world_size == 1 or i == accum - 1  # DDP: all-reduce only on the last micro-batch
+            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
+                with self.autocast(): loss_sum, n, metrics = self.stage.loss(self.train_model, batch)
+                self.scaler.scale(loss_sum * scale).backward()
+            n_total += torch.as_tensor(n, dtype=torch.float32, device=dev)
+            loss_total += loss_sum.detach().float()
+            for k, v in metrics.items():
+                s, c = v if isinstance(v, tuple) else (v, None)
+                sums[k] = sums.get(k, 0) + torch.as_tensor(s, dtype=torch.float32, device=dev).detach()
+                if c is not None: counts[k] = counts.get(k, 0) + torch.as_tensor(c, dtype=torch.float32, device=dev)
+                else: counts.setdefault(k, None)
+        keys = sorted(sums)
+        stats = torch.stack([loss_total, n_total, torch.tensor(float(n_tokens), device=dev), *(sums[k] for k in keys),
+                             *(counts[k] if counts[k] is not None else n_total for k in keys)])
+        if self.dist.world_size > 1: torch.distributed.all_reduce(stats)
+        n_global = stats[1].clamp(min=1)
+        if self.scaler.is_enabled(): self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads: torch._foreach_mul_(grads, self.dist.world_size / (scale * n_global))  # DDP averaged over ranks: undo it
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float('inf'))
+        vals = torch.cat([stats, grad_norm.detach().float().reshape(1).to(dev)]).tolist()   # the step's one host sync
+        loss, grad_norm, n_tokens = vals[0] / max(vals[1], 1), vals[-1], int(vals[2])
+        k = len(keys)
+        metrics = {f'train/{key}': vals[3+j] / max(vals[3+k+j], 1e-12) for j, key in enumerate(keys)}
+        events = self.stability.check(self.step + 1, loss, grad_norm)
+        actions = {e.get('action') for e in events}
+        if 'skip' in actions or 'rollback' in actions or not math.isfinite(loss) or not math.isfinite(grad_norm):
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled(): self.scaler.update()
+        else:
+            self.scaler.step(self.opt) if self.scaler.is_enabled() else self.opt.step()
+            if self.scaler.is_enabled(): self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+        return dict(loss=loss, grad_norm=grad_norm, tokens=n_tokens, n=vals[1], metrics=metrics, events=events)
 
-# %% ../nbs/06_trainer.ipynb #c018
-@patch_to(Trainer)
-@torch.no_grad()
-def evaluate(self:Trainer)->dict:
-    "Mean validation loss per domain (`val/loss/<domain>`), overall `val/loss` and `val/ppl`."
-    if self.stage.val_batches is None: return {}
-    self.train_model.eval()
-    out, losses = {}, []
-    for domain, batches in self.stage.val_batches().items():
-        ls = []
-        for b in batches:
-            with self.autocast(): ls.append(self.stage.loss(self.model, self._to_device(b)).float().item())
-        out[f'val/loss/{domain}'] = sum(ls) / max(len(ls), 1); losses += ls
-    self.train_model.train()
-    if losses:
-        out['val/loss'] = sum(losses) / len(losses)
-        out['val/ppl'] = math.exp(min(out['val/loss'], 50))
-    return out
+    def evaluate(self)->dict:
+        "The stage's held-out metrics, computed in inference mode."
+        with self.ctx.inference(): return self.stage.evaluate(self.ctx)
 
-# %% ../nbs/06_trainer.ipynb #c020
-@patch_to(Trainer)
-def state_dict(self:Trainer)->dict:
-    return dict(step=self.step, tokens=self.tokens, optim=self.opt.state_dict(), data=self.stage.state.state_dict(),
-                scaler=self.scaler.state_dict(), rng=capture_rng(), cost=self.cost.state_dict(),
-                stability=self.stability.state_dict(), stage=self.stage.name)
+    # -- state, checkpoints, resume ----------------------------------------------------------------------------------
+    def state_dict(self)->dict:
+        return dict(step=self.step, tokens=self.tokens, optim=self.opt.state_dict(), stage_state=self.stage.state_dict(),
+                    scaler=self.scaler.state_dict(), rng=capture_rng(), cost=self.cost.state_dict(),
+                    stability=self.stability.state_dict(), stage=self.stage.name, frozen=self.frozen_sources,
+                    lineage=self.lineage or {})
 
-@patch_to(Trainer)
-def load_state_dict(self:Trainer, sd:dict, keep:tuple=()):
-    "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
-    self.step, self.tokens = sd['step'], sd['tokens']
-    self.opt.load_state_dict(sd['optim'])
-    if 'data' not in keep: self.stage.state.load_state_dict(sd['data'])
-    if 'cost' not in keep: self.cost.load_state_dict(sd['cost'])
-    if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
-    restore_rng(sd['rng']); self.stability.load_state_dict(sd['stability'])
+    def load_state_dict(self, sd:dict, keep:tuple=()):
+        "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
+        self.step, self.tokens = sd['step'], sd['tokens']
+        self.opt.load_state_dict(sd['optim'])
+        if 'data' not in keep: self.stage.load_state_dict(sd['stage_state'])
+        if 'cost' not in keep: self.cost.load_state_dict(sd['cost'])
+        if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
+        restore_rng(sd['rng']); self.stability.load_state_dict(sd['stability'])
 
-@patch_to(Trainer)
-def save(self:Trainer, reason:str='periodic')->Optional[Path]:
-    "Write a checkpoint (rank 0) and log it."
-    if not self.dist.is_main: return None
-    t0 = time.perf_counter()
-    path = self.ckpt.save(self.step, self.model.state_dict(), self.state_dict(),
-                          config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), tokenizer=self.tokenizer)
-    self.saved_step = self.step
-    self.log({'event': 'checkpoint', 'step': self.step, 'tokens': self.tokens, 'path': str(path), 'reason': reason,
-              'stall_s': round(time.perf_counter() - t0, 3)})
-    return path
+    def save(self, reason:str='periodic')->Optional[Path]:
+        "Write a checkpoint (rank 0) and log it."
+        if not self.dist.is_main: return None
+        t0 = time.perf_counter()
+        extra = {'stage': self.stage.name, **({'lineage': self.lineage} if self.lineage else {})}
+        path = self.ckpt.save(self.step, self.model.state_dict(), self.state_dict(), tokenizer=self.tokenizer,
+                              config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), manifest_extra=extra)
+        self.saved_step = self.step
+        self.log({'event': 'checkpoint', 'step': self.step, 'tokens': self.tokens, 'path': str(path), 'reason': reason,
+                  'stall_s': round(time.perf_counter() - t0, 3)})
+        return path
 
-# %% ../nbs/06_trainer.ipynb #c022
-@patch_to(Trainer)
-def maybe_resume(self:Trainer)->Optional[int]:
-    "Restore the newest valid checkpoint according to the resume mode; return its step or None."
-    latest = self.ckpt.latest_valid()
-    if self.resume_mode == 'never':
-        if latest is not None:
-            raise ConfigError(f"checkpoint.resume: never, but {self.run_dir} already has checkpoints ({latest.name}); "
-                              "pass a fresh --run-dir or resume")
-        return None
-    if latest is None:
-        if self.resume_mode == 'always': raise ConfigError(f"checkpoint.resume: always, but {self.run_dir} has no valid checkpoint")
-        return None
-    model_state, state, config_yaml = self.ckpt.load(latest)
-    changes = check_resume_compat(yaml.safe_load(config_yaml), self.cfg.to_dict(), force=self.force) if config_yaml else []
-    self.model.load_state_dict(model_state)
-    self.load_state_dict(state)
-    self.resumed_from = self.saved_step = self.step
-    self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
-    return self.step
+    def maybe_resume(self)->Optional[int]:
+        "Restore the newest valid checkpoint according to the resume mode; return its step or None."
+        latest = self.ckpt.latest_valid()
+        if self.resume_mode == 'never':
+            if latest is not None:
+                raise ConfigError(f"checkpoint.resume: never, but {self.run_dir} already has checkpoints ({latest.name}); "
+                                  "pass a fresh --run-dir or resume")
+            return None
+        if latest is None:
+            if self.resume_mode == 'always': raise ConfigError(f"checkpoint.resume: always, but {self.run_dir} has no valid checkpoint")
+            return None
+        model_state, state, config_yaml = self.ckpt.load(latest)
+        if state.get('stage', self.stage.name) != self.stage.name:
+            raise ConfigError(f"run.stage: {self.run_dir} holds a {state['stage']} run, and this is {self.stage.name}; "
+                              f"use another --run-dir (and --init-from {self.run_dir} to start from its weights)")
+        changes = check_resume_compat(yaml.safe_load(config_yaml), self.cfg.to_dict(), force=self.force) if config_yaml else []
+        self.model.load_state_dict(model_state)
+        self.load_state_dict(state)
+        self.resumed_from = self.saved_step = self.step
+        self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
+        return self.step
 
-@patch_to(Trainer)
-def rollback(self:Trainer)->bool:
-    "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
-    self.ckpt.wait()
-    latest = self.ckpt.latest_valid()
-    if latest is None: return False
-    bad_step = self.step
-    model_state, state, _ = self.ckpt.load(latest)
-    self.model.load_state_dict(model_state)
-    self.load_state_dict(state, keep=('data', 'cost'))
-    self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
-    return True
+    def rollback(self)->bool:
+        "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
+        self.ckpt.wait()
+        latest = self.ckpt.latest_valid()
+        if latest is None: return False
+        bad_step = self.step
+        model_state, state, _ = self.ckpt.load(latest)
+        self.model.load_state_dict(model_state)
+        self.load_state_dict(state, keep=('data', 'cost'))
+        self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
+        return True
 
-# %% ../nbs/06_trainer.ipynb #c024
-@patch_to(Trainer)
-def log(self:Trainer, record:dict):
-    if self.dist.is_main: self.logger.log(record)
-    for cb in self.callbacks: cb(record)
+    # -- logging ------------------------------------------------------------------------------------------------------
+    def log(self, record:dict):
+        if self.dist.is_main: self.logger.log(record)
+        for cb in self.callbacks: cb(record)
 
-@patch_to(Trainer)
-def _metrics(self:Trainer, out:dict, lr_factor:float)->dict:
-    "The `train/*`, `perf/*`, `cost/*` and `gpu/*` fields of a step record."
-    perf = self.speed.update(out['tokens'])
-    cost = self.cost.update(self.tokens, tokens_per_sec=perf.get('perf/tokens_per_sec'))
-    return {'step': self.step, 'tokens': self.tokens, 'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
-            'train/lr': self.cfg.optim.muon_lr * lr_factor, 'train/lr_factor': lr_factor, **perf, **cost,
-            'gpu/memory_allocated_gb': gpu_memory_gb()}
+    def _metrics(self, out:dict, lr_f:float)->dict:
+        "The `train/*`, `perf/*`, `cost/*` and `gpu/*` fields of a step record."
+        perf = self.speed.update(out['tokens'])
+        cost = self.cost.update(self.tokens, tokens_per_sec=perf.get('perf/tokens_per_sec'))
+        peak_lr = self.cfg.optim.muon_lr if self.cfg.optim.name == 'muon_adamw' else self.cfg.optim.adamw_lr
+        return {'step': self.step, 'tokens': self.tokens, 'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
+                'train/lr': peak_lr * lr_f, 'train/lr_factor': lr_f, **out['metrics'], **self.stage.step_metrics(),
+                **perf, **cost, 'gpu/memory_allocated_gb': gpu_memory_gb()}
 
-# %% ../nbs/06_trainer.ipynb #c026
-@patch_to(Trainer)
-def fit(self:Trainer)->TrainResult:
-    "Train to the budget, evaluating, logging and checkpointing on the way; resume first if there is a checkpoint."
-    cfg, total = self.cfg, self.total_steps
-    if self.dist.is_main:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-    self.logger = MetricsLogger(self.run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                                run_name=cfg.run.name, config=cfg.to_dict(), rank=self.dist.rank)
-    self.maybe_resume()
-    if self.dist.is_main: save_config(cfg, self.run_dir/'config.yaml')
-    self.print_plan(total)
-    last = {}
-    bar = tqdm(total=total, initial=self.step, desc=self.stage.name, disable=not (cfg.logging.progress and self.dist.is_main),
-               dynamic_ncols=True, file=sys.stdout)
-    interrupted = False
-    self.speed.reset(); self.cost.update(self.tokens, seconds=0.0)
-    with GracefulInterrupt() as stop:
-        while self.step < total and not stop.requested:
-            lr_factor = wsd_factor(self.step, total, cfg.schedule)
-            self.opt.set_lr_factor(lr_factor)
-            out = self.train_step()
-            self.step += 1; self.tokens += out['tokens']
-            for e in out['events']: self.log({**e, 'step': self.step, 'tokens': self.tokens})
-            if any(e.get('action') == 'rollback' for e in out['events']) and self.rollback():
-                bar.n = self.step; bar.refresh(); continue
-            record = self._metrics(out, lr_factor)
-            if self.step % cfg.logging.every_steps == 0 or self.step == total:
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 or self.step == total: record.update(self.evaluate())
-                self.log(record); last.update(record)
-            elif cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                record = {'step': self.step, 'tokens': self.tokens, **self.evaluate()}
-                self.log(record); last.update(record)
-            if 'val/loss' in record and self.dist.is_main:
-                bar.write(f"step {self.step}: train/loss {out['loss']:.3f}  val/loss {record['val/loss']:.3f}")
-            bar.update(1); bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
-            for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
-            if self.step < total and self.ckpt.should_save(self.step, time.monotonic()): self.save()
-        interrupted = stop.requested
-    bar.close()
-    if self.dist.is_main and self.saved_step != self.step: self.save('interrupt' if interrupted else 'final')
-    self.ckpt.wait_for_mirror()
-    for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
-    self.stage.close(); self.logger.close()
-    res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from, interrupted)
-    self.print_summary(res, total)
-    return res
+    # -- the loop ------------------------------------------------------------------------------------------------------
+    def fit(self)->TrainResult:
+        "Train to the budget, evaluating, logging and checkpointing on the way; resume first if there is a checkpoint."
+        cfg, total = self.cfg, self.total_steps
+        if self.dist.is_main: self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = MetricsLogger(self.run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                                    run_name=cfg.run.name, config=cfg.to_dict(), rank=self.dist.rank)
+        self.maybe_resume()
+        if self.dist.is_main: save_config(cfg, self.run_dir/'config.yaml')
+        if self.resumed_from is None and self.lineage: self.log({'event': 'init_from', 'step': 0, 'tokens': 0, **self.lineage})
+        self.stage.setup(self.ctx)
+        self.print_plan(total)
+        first_eval = {}
+        if self.step == 0 and cfg.train.eval_every:                       # the "before" of before -> after
+            first_eval = self.evaluate()
+            if first_eval: self.log({'step': 0, 'tokens': 0, **first_eval})
+        last, interrupted = dict(first_eval), False
+        bar = tqdm(total=total, initial=self.step, desc=self.stage.name, dynamic_ncols=True, file=sys.stdout,
+                   disable=not (cfg.logging.progress and self.dist.is_main))
+        self.speed.reset(); self.cost.update(self.tokens, seconds=0.0)
+        with GracefulInterrupt() as stop:
+            while self.step < total and not stop.requested:
+                lr_f = lr_factor(self.step, total, cfg.schedule)
+                self.opt.set_lr_factor(lr_f)
+                out = self.train_step()
+                self.step += 1; self.tokens += out['tokens']
+                for e in out['events']: self.log({**e, 'step': self.step, 'tokens': self.tokens})
+                if any(e.get('action') == 'rollback' for e in out['events']) and self.rollback():
+                    bar.n = self.step; bar.refresh(); continue
+                record = self._metrics(out, lr_f)
+                do_eval = self.step == total or bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                if do_eval: record.update(self.evaluate())
+                if do_eval or self.step % cfg.logging.every_steps == 0:
+                    self.log(record); last.update(record)
+                if do_eval and self.dist.is_main and (v := {k: x for k, x in record.items() if k.startswith('val/')}):
+                    bar.write(f"step {self.step}: train/loss {out['loss']:.3f}  " + '  '.join(f"{k} {x:.4g}" for k, x in list(v.items())[:4]))
+                bar.update(1); bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
+                for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
+                if self.step < total and self.ckpt.should_save(self.step, time.monotonic()): self.save()
+            interrupted = stop.requested
+        bar.close()
+        if self.dist.is_main and self.saved_step != self.step: self.save('interrupt' if interrupted else 'final')
+        self.ckpt.wait_for_mirror()
+        for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
+        self.stage.close(); self.logger.close()
+        res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
+                          interrupted, self.stage.name, first_eval)
+        self.print_summary(res, total)
+        return res
 
-# %% ../nbs/06_trainer.ipynb #c028
-@patch_to(Trainer)
-def print_plan(self:Trainer, total:int):
-    if not self.dist.is_main: return
-    e = estimate(self.cfg, world_size=self.dist.world_size)
-    backend = getattr(self.model, 'attn_backend', '?')
-    lines = [f"== smollm_kit {self.stage.name}: {self.cfg.run.name} -> {self.run_dir}",
-             f"device {self.device} ({self.hw['name']}), precision {self.precision}, attention {backend}, "
-             f"world size {self.dist.world_size}",
-             f"steps {self.step} -> {total}, {self.cfg.train.tokens_per_step(self.dist.world_size):,} tokens/step",
-             format_estimate(e)]
-    if self.resumed_from is not None: lines.insert(1, f"resuming from step {self.resumed_from}")
-    print('\n'.join(lines), flush=True)
+    # -- the plan and the summary ------------------------------------------------------------------------------------
+    def print_plan(self, total:int):
+        "One screen before the first step: what will run, how fast, for how much, in how much memory."
+        if not self.dist.is_main: return
+        budget = dataclasses.replace(self.cfg.train, max_steps=total, max_tokens=None)
+        e = estimate(dataclasses.replace(self.cfg, train=budget), world_size=self.dist.world_size)
+        backend = getattr(self.model, 'attn_backend', '?')
+        lines = [f"== smollm_kit {self.stage.name}: {self.cfg.run.name} -> {self.run_dir}",
+                 f"device {self.device} ({self.hw['name']}), precision {self.precision}, attention {backend}, "
+                 f"world size {self.dist.world_size}",
+                 f"steps {self.step} -> {total}, {self.tokens_per_step:,} tokens/step",
+                 format_estimate(e)]
+        if self.frozen:
+            gb = sum(p.numel() * p.element_size() for m in self.frozen.values() for p in m.parameters()) / 2**30
+            lines.append(f"frozen   {', '.join(f'{k} ({v})' for k, v in self.frozen_sources.items())}: +{gb:.3g} GiB of weights")
+        if self.lineage and self.resumed_from is None: lines.insert(1, f"starting from the weights of {self.lineage['init_from']}")
+        if self.resumed_from is not None: lines.insert(1, f"resuming from step {self.resumed_from}")
+        print('\n'.join(lines), flush=True)
 
-@patch_to(Trainer)
-def print_summary(self:Trainer, res:TrainResult, total:int):
-    if not self.dist.is_main: return
-    m = res.metrics
-    parts = [f"== done: step {res.step}/{total}, {res.tokens:,} tokens" + (" (interrupted; saved, resume to continue)" if res.interrupted else "")]
-    if 'train/loss' in m: parts.append(f"train/loss {m['train/loss']:.4f}")
-    if 'val/loss' in m: parts.append(f"val/loss {m['val/loss']:.4f} (ppl {m['val/ppl']:.1f})")
-    if 'cost/usd_spent' in m: parts.append(f"cost ${m['cost/usd_spent']:.2f}")
-    parts.append(f"checkpoints in {self.run_dir/'checkpoints'}")
-    print(', '.join(parts), flush=True)
+    def print_summary(self, res:TrainResult, total:int):
+        "One line after the last step: where it got to and what it cost."
+        if not self.dist.is_main: return
+        m = res.metrics
+        parts = [f"== done: step {res.step}/{total}, {res.tokens:,} tokens" + (" (interrupted; saved, resume to continue)" if res.interrupted else "")]
+        if 'train/loss' in m: parts.append(f"train/loss {m['train/loss']:.4f}")
+        key = self.stage.key_metric
+        if key in m: parts.append(f"{key} {res.first_eval[key]:.4g} -> {m[key]:.4g}" if key in res.first_eval else f"{key} {m[key]:.4g}")
+        if 'val/ppl' in m: parts.append(f"val/ppl {m['val/ppl']:.1f}")
+        if 'cost/usd_spent' in m: parts.append(f"cost ${m['cost/usd_spent']:.2f}")
+        parts.append(f"checkpoints in {self.run_dir/'checkpoints'}")
+        print(', '.join(parts), flush=True)
+

@@ -6,8 +6,8 @@ import pytest, torch
 from smollm_kit import load_config, pretrain, load_model
 from smollm_kit.monitor import read_metrics
 from smollm_kit.trainer import Trainer, lm_loss
-from smollm_kit.pretrain import pretrain_stage
-from smollm_kit.data import load_tokenizer
+from smollm_kit.pretrain import PretrainStage
+from smollm_kit.data import load_tokenizer, PretrainData
 from smollm_kit.model import SmolLM
 
 FIELDS = ['step', 'tokens', 'train/loss', 'train/grad_norm', 'train/lr', 'val/loss', 'val/ppl', 'val/loss/prose',
@@ -47,31 +47,33 @@ def test_config_and_checkpoints_written(run):
     steps = sorted(p.name for p in (res.run_dir/'checkpoints').glob('step_*'))
     assert steps == ['step_00000030', 'step_00000060']
 
-class Poisoned:
-    "A stage loss that returns NaN (or a huge spike) on chosen optimizer steps."
-    def __init__(self, trainer_ref, bad_steps, value): self.t, self.bad, self.value = trainer_ref, set(bad_steps), value
-    def end_of_step(self, rec):  # the bad data is consumed once: after its step it never comes back
-        if 'train/loss' in rec or rec.get('event') in ('spike', 'nan'): self.bad -= getattr(self, 'fired', set())
-    def __call__(self, model, batch):
-        loss, step = lm_loss(model, batch), self.t[0].step + 1
-        if step not in self.bad: return loss
-        if not torch.is_grad_enabled(): return loss
-        self.fired = getattr(self, 'fired', set()) | {step}
-        return loss * self.value
+class Poisoned(PretrainStage):
+    "The pretraining stage, with the loss multiplied by `value` (NaN, or a spike) whenever one given batch comes."
+    def __init__(self, cfg, tok, bad, value):
+        super().__init__(cfg, tok)
+        self.bad, self.value, self.served = bad, value, []
+    def next_batch(self, ctx):
+        b = super().next_batch(ctx)
+        if torch.equal(b['input_ids'], self.bad): self.served.append(ctx.step + 1)  # the step it is trained in
+        return b
+    def loss(self, model, batch):
+        loss, n, m = super().loss(model, batch)
+        if torch.equal(batch['input_ids'].cpu(), self.bad): loss = loss * self.value  # keyed on content, not on the step
+        return loss, n, m
 
-def poisoned_trainer(tmp_path, action, bad_steps, value, **over):
+def poisoned_trainer(tmp_path, action, bad_step, value, **over):
     cfg = load_config('tiny', {'run.run_dir': str(tmp_path), 'train.max_steps': 40, 'train.eval_every': 0, 'logging.every_steps': 1,
                                'logging.progress': False, 'stability.action': action, 'stability.min_history': 10,
                                'checkpoint.every_steps': 10, 'train.seq_len': 64, 'train.micro_batch_size': 4, **over})
-    tok = load_tokenizer(cfg); torch.manual_seed(0)
-    ref = [None]
-    stage = pretrain_stage(cfg, tok)
-    stage.loss = Poisoned(ref, bad_steps, value)
-    ref[0] = t = Trainer(cfg, SmolLM(cfg.model), stage, tokenizer=tok, callbacks=[stage.loss.end_of_step])
-    return t
+    tok = load_tokenizer(cfg); torch.manual_seed(cfg.run.seed)
+    t = cfg.train
+    with PretrainData(cfg.data, tok, t.seq_len, t.micro_batch_size, t.eval_batches, cfg.run.seed) as data:  # the same stream
+        bad = [data.next_batch() for _ in range((bad_step - 1) * t.grad_accum_steps + 1)][-1]['input_ids']  # step's 1st micro-batch
+    stage = Poisoned(cfg, tok, bad, value)
+    return Trainer(cfg, SmolLM(cfg.model), stage, tokenizer=tok), stage
 
 def test_nan_loss_skips_the_update(tmp_path):
-    t = poisoned_trainer(tmp_path, 'log', [25], float('nan'))
+    t, stage = poisoned_trainer(tmp_path, 'log', 25, float('nan'))
     before = {}
     def snap(rec):
         if rec.get('step') == 24 and 'train/loss' in rec: before.update({k: v.clone() for k, v in t.model.state_dict().items()})
@@ -81,17 +83,20 @@ def test_nan_loss_skips_the_update(tmp_path):
     res = t.fit()
     _, events = read_metrics(res.run_dir)
     nan = [e for e in events if e['event'] == 'nan']
+    assert stage.served == [25]
     assert len(nan) == 1 and nan[0]['step'] == 25 and nan[0]['action'] == 'skip'
     assert before and all(torch.isfinite(p).all() for p in t.model.parameters())
 
 def test_spike_with_rollback_restores_last_checkpoint_and_skips_the_data(tmp_path):
-    t = poisoned_trainer(tmp_path, 'rollback', [25], 50.0)
+    t, stage = poisoned_trainer(tmp_path, 'rollback', 25, 50.0)
     res = t.fit()
     recs, events = read_metrics(res.run_dir)
     spikes = [e for e in events if e['event'] == 'spike']
     rb = [e for e in events if e['event'] == 'rollback']
-    assert spikes and spikes[0]['step'] == 25 and spikes[0]['action'] == 'rollback'
-    assert rb and rb[0]['step'] == 20 and rb[0]['from_step'] == 25   # back to the step-20 checkpoint
+    assert len(spikes) == 1 and spikes[0]['step'] == 25 and spikes[0]['action'] == 'rollback'
+    assert len(rb) == 1 and rb[0]['step'] == 20 and rb[0]['from_step'] == 25   # back to the step-20 checkpoint
+    # steps 21-25 were trained again after the rollback, on the data that came after the bad batch: it never came back
+    assert stage.served == [25]
     assert res.step == 40 and math.isfinite(recs[-1]['train/loss'])
 
 def test_trained_run_feeds_generate_and_export_cli(run, tmp_path):

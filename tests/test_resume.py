@@ -16,7 +16,7 @@ def cmd(run_dir, *extra): return [sys.executable, '-m', 'smollm_kit.cli', 'pretr
 def env(): return {**os.environ, 'WANDB_MODE': 'disabled', 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
 
 def losses(run_dir)->dict:
-    "train/loss per step, the last record for each step winning (the DESIGN.md rule for resumed runs)."
+    "train/loss per step; a resumed run logs the steps after its checkpoint again, and the last record for a step wins."
     out = {}
     for line in (Path(run_dir)/'metrics.jsonl').read_text().splitlines():
         r = json.loads(line)
@@ -75,9 +75,13 @@ def test_sigkill_during_checkpoint_write_resumes_bit_identical(reference, tmp_pa
     assert killed, "never caught a checkpoint mid-write"
     finish_and_compare(tmp_path, reference)
 
+def checkpoints(run_dir): return sorted((Path(run_dir)/'checkpoints').glob('step_*'))
+
 def test_sigkill_before_first_checkpoint_restarts_cleanly(reference, tmp_path):
-    assert run_and_kill(tmp_path, lambda d: steps_logged(d) >= 2)
+    assert run_and_kill(tmp_path, lambda d: steps_logged(d) >= 2 and not checkpoints(d))
+    assert steps_logged(tmp_path) < 4 and not checkpoints(tmp_path), "killed too late: a checkpoint already existed"
     finish_and_compare(tmp_path, reference)
+    assert not events(tmp_path, 'resume'), "nothing to resume from: the second run must start afresh"
 
 def test_resume_always_without_checkpoint_is_a_clear_error(tmp_path):
     p = subprocess.run(cmd(tmp_path, '--resume'), env=env(), capture_output=True, text=True, timeout=300)
@@ -90,13 +94,16 @@ def test_no_resume_refuses_a_run_dir_with_checkpoints(reference, tmp_path):
 
 def test_unsafe_config_change_is_refused_unless_forced(reference, tmp_path):
     assert run_and_kill(tmp_path, lambda d: steps_logged(d) >= 9)
-    bad = cmd(tmp_path, '--set', 'train.seq_len=32')
-    p = subprocess.run(bad, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and 'train.seq_len' in p.stderr, p.stderr[-2000:]
-    p = subprocess.run(cmd(tmp_path, '--set', 'train.max_steps=12'), env=env(), capture_output=True, text=True, timeout=300)
+    unsafe = ['--set', 'optim.muon_lr=0.01', '--set', 'train.max_steps=12']  # a new learning rate changes the run
+    p = subprocess.run(cmd(tmp_path, *unsafe), env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and 'optim.muon_lr' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    assert not events(tmp_path, 'resume'), "a refused resume must not have started"
+    p = subprocess.run(cmd(tmp_path, *unsafe, '--force'), env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     changes = events(tmp_path, 'resume')[-1]['config_changes']
-    assert any('max_steps' in c for c in changes), changes
+    assert any('UNSAFE (forced)' in c and 'muon_lr' in c for c in changes), changes
+    assert any('max_steps' in c and 'UNSAFE' not in c for c in changes), changes  # a safe change needs no force
+    assert max(losses(tmp_path)) == 12
 
 def test_sigterm_saves_exits_zero_and_resumes_bit_identical(reference, tmp_path):
     p = subprocess.Popen(cmd(tmp_path), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

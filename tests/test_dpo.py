@@ -1,0 +1,162 @@
+"""DPO/APO: the losses against TRL's DPOTrainer, preference data in every supported format, packing, the reference
+log-prob cache (fingerprint, resume after a kill), and the stage end to end through the shared Trainer."""
+import json, math, warnings
+from pathlib import Path
+
+import pytest, torch
+
+from smollm_kit.config import ConfigError, DPOConfig, load_config
+from smollm_kit.data import load_tokenizer
+from smollm_kit.dpo import (LOSS_TYPES, Pair, PreferenceDataError, load_preference_records, pack_pairs, prepare_pairs,
+                            preference_loss, sequence_logps)
+from smollm_kit.model import SmolLM
+from smollm_kit.sft import ensure_chat_format
+
+
+def u(s): return {'role': 'user', 'content': s}
+def a(s): return {'role': 'assistant', 'content': s}
+
+
+@pytest.fixture(scope='module')
+def tok():
+    return ensure_chat_format(load_tokenizer(load_config('tiny')))
+
+
+def perturbed_model(mc, seed):
+    "A tiny SmolLM with random weights everywhere (norms too), so policy and reference really differ."
+    torch.manual_seed(seed)
+    m = SmolLM(mc)
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+# ------------------------------------------------------------------------------------------- losses vs TRL
+def test_losses_and_rewards_match_trl(tmp_path, tok):
+    "The same tiny model (exported to HF), the same tokenised batch, fp32: TRL's loss and rewards/* equal ours."
+    trl = pytest.importorskip('trl')
+    from datasets import Dataset
+    from transformers import SmolLM3ForCausalLM
+    from smollm_kit.export import to_hf_config, to_hf_state_dict
+    mc = load_config('tiny').model
+    policy, ref = perturbed_model(mc, 0), perturbed_model(mc, 1)
+
+    def hf(m):
+        h = SmolLM3ForCausalLM(to_hf_config(mc, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id))
+        missing, unexpected = h.load_state_dict(to_hf_state_dict(m.state_dict(), mc), strict=False)
+        assert not unexpected and all('rotary' in k or k == 'lm_head.weight' for k in missing), (missing, unexpected)
+        return h.eval()
+
+    rows = [{'prompt': [u(f'What is {i} + {2 * i + 3}?')], 'chosen': [a(f'{i} + {2 * i + 3} = {3 * i + 3}. The answer is {3 * i + 3}.')],
+             'rejected': [a(['No idea.', f'{3 * i + 4}', 'Maybe ten, maybe not.'][i % 3])]} for i in range(6)]
+    rows.append({'prompt': 'Say hi', 'chosen': 'hi there', 'rejected': 'go away'})  # a plain-text pair too
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to='none', use_cpu=True, per_device_train_batch_size=len(rows),
+                         max_length=None, bf16=False, fp16=False, disable_dropout=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        trainer = trl.DPOTrainer(model=hf(policy), ref_model=hf(ref), args=args, processing_class=tok,
+                                 train_dataset=Dataset.from_list(rows[:-1]))
+        plain = trainer._prepare_dataset(Dataset.from_list(rows[-1:]), tok, args, 'plain')
+    examples = [trainer.train_dataset[i] for i in range(len(rows) - 1)] + [plain[0]]
+    batch = trainer.data_collator(examples)
+    pairs = [Pair(e['prompt_ids'], e['chosen_ids'], e['rejected_ids']) for e in examples]
+    packed, n = pack_pairs(pairs, list(range(len(pairs))), 0, seq_len=256, rows=len(pairs))
+    assert n == len(pairs) and (packed['doc_ids'].amax(1) >= 2).any()  # several pairs share a row
+    with torch.no_grad():
+        pc, pr = sequence_logps(policy, packed)
+        rc, rr = sequence_logps(ref, packed)
+    trainer.model.train()
+    for lt in LOSS_TYPES:
+        beta, eps = (0.5, 0.0) if lt == 'ipo' else (0.1, 0.2 if lt == 'robust' else 0.0)
+        trainer.loss_types, trainer.loss_weights, trainer.beta, trainer.label_smoothing = [lt], [1.0], beta, eps
+        trainer._metrics['train'].clear()
+        with torch.no_grad(): want = trainer.compute_loss(trainer.model, batch)
+        got, m = preference_loss(pc, pr, rc, rr, beta, lt, label_smoothing=eps,
+                                 chosen_lengths=packed['lengths'][:, 0], rejected_lengths=packed['lengths'][:, 1])
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5, msg=lambda s: f"{lt}: {s}")
+        for k in ('rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins'):
+            assert abs(m[k].item() - trainer._metrics['train'][k][-1]) <= 1e-5 * max(1, abs(m[k].item())), (lt, k)
+    assert 0 < m['rewards/accuracies'] < 1  # a batch where the check means something
+
+
+def test_ipo_takes_length_normalised_logps():
+    "Without lengths, 'ipo' treats its inputs as already length-normalised (TRL's convention)."
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(5, generator=g) * 10 for _ in range(4))
+    lc, lr = torch.tensor([3., 5, 8, 1, 2]), torch.tensor([4., 4, 2, 6, 9])
+    a_, _ = preference_loss(pc, pr, rc, rr, 0.3, 'ipo', chosen_lengths=lc, rejected_lengths=lr)
+    b_, _ = preference_loss(pc / lc, pr / lr, rc / lc, rr / lr, 0.3, 'ipo')
+    torch.testing.assert_close(a_, b_)
+
+
+def test_unknown_loss_type_is_a_clear_error():
+    z = torch.zeros(2)
+    with pytest.raises(ValueError, match="loss_type: expected one of"): preference_loss(z, z, z, z, 0.1, 'kto')
+
+
+# ------------------------------------------------------------------------------------------- data formats
+def write_jsonl(path, rows):
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return str(path)
+
+
+TRL_LIB = [{'chosen': [u(f'q{i}'), a(f'good {i}')], 'rejected': [u(f'q{i}'), a(f'bad {i}')], 'score_chosen': 8.0,
+            'score_rejected': 2.0} for i in range(12)]
+H4 = [{'prompt': f'q{i}', 'prompt_id': str(i), 'chosen': [u(f'q{i}'), a(f'good {i}')], 'rejected': [u(f'q{i}'), a(f'bad {i}')],
+       'messages': [u(f'q{i}'), a(f'good {i}')], 'score_chosen': 8.0, 'score_rejected': 2.0} for i in range(12)]
+SMOLTALK2 = [{'prompt': f'q{i}', 'chosen': [a(f'good {i}')], 'rejected': [a(f'bad {i}')],
+              'chat_template_kwargs': {'enable_thinking': False}} for i in range(12)]
+
+
+@pytest.mark.parametrize('rows', [TRL_LIB, H4, SMOLTALK2], ids=['trl-lib', 'H4', 'smoltalk2'])
+def test_hub_formats_from_local_files(tmp_path, tok, rows):
+    path = write_jsonl(tmp_path/'prefs.jsonl', rows)
+    train, val = load_preference_records(DPOConfig(dataset=path, val_examples=3))
+    assert (len(train), len(val)) == (9, 3)
+    pairs, report = prepare_pairs(train + val, tok, max_length=64)
+    assert report['bad'] == 0 and len(pairs) == 12
+    texts = {tok.decode(p.prompt + p.chosen) for p in pairs}
+    assert all(any(f'q{i}<|im_end|>' in t and t.endswith(f'good {i}<|im_end|>') for t in texts) for i in range(12))
+
+
+def test_hub_dataset_path_uses_the_named_splits(monkeypatch):
+    "A Hub name goes to datasets.load_dataset with dpo.split / dpo.val_split (mocked: no network)."
+    import datasets
+    calls = []
+    def fake(name, config=None, split=None, **kw):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(H4[:10] if split == 'train_prefs' else H4[10:])
+    monkeypatch.setattr(datasets, 'load_dataset', fake)
+    dc = DPOConfig(dataset='HuggingFaceH4/ultrafeedback_binarized', split='train_prefs', val_split='test_prefs', val_examples=5)
+    train, val = load_preference_records(dc)
+    assert calls == [('HuggingFaceH4/ultrafeedback_binarized', None, 'train_prefs'),
+                     ('HuggingFaceH4/ultrafeedback_binarized', None, 'test_prefs')]
+    assert (len(train), len(val)) == (10, 2)
+
+
+def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    import datasets
+    def fail(*a, **k): raise ConnectionError("Couldn't reach 'nobody/prefs' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(datasets, 'load_dataset', fail)
+    with pytest.raises(PreferenceDataError, match=r"dpo.dataset: cannot load 'nobody/prefs'"):
+        load_preference_records(DPOConfig(dataset='nobody/prefs'))
+
+
+def test_bad_pairs_are_counted_and_named(tmp_path, tok):
+    rows = TRL_LIB[:4] + [{'prompt': 'q', 'chosen': 'same', 'rejected': 'same'}, {'prompt': 'q', 'chosen': 'x'},
+                          {'prompt': 'q', 'chosen': '', 'rejected': 'y'}]
+    with pytest.warns(UserWarning, match=r"skipped 3 of 7 records .*#4 chosen and rejected are identical, #5 missing field 'rejected'"):
+        pairs, report = prepare_pairs(rows, tok, max_length=64)
+    assert len(pairs) == 4 and report['bad'] == 3 and report['first_bad'] == [4, 5, 6]
+    with pytest.raises(PreferenceDataError, match="record 4: chosen and rejected are identical"):
+        prepare_pairs(rows, tok, max_length=64, on_bad='error')
+
+
+def test_missing_local_file_and_bad_config_are_clear_errors(tmp_path):
+    with pytest.raises(PreferenceDataError, match="no such file"):
+        load_preference_records(DPOConfig(dataset=str(tmp_path/'nope.jsonl')))
+    with pytest.raises(ConfigError, match=r"dpo.max_length: both replies"):
+        load_config('tiny', {'run.stage': 'dpo', 'dpo.max_length': 100, 'train.seq_len': 128})
+    with pytest.raises(ConfigError, match=r"dpo.label_smoothing: only the 'robust' loss"):
+        load_config('tiny', {'run.stage': 'dpo', 'dpo.label_smoothing': 0.1})
