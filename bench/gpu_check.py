@@ -1,7 +1,7 @@
 """GPU check: everything CPU CI cannot measure, in one call on a lent GPU (under 8 minutes on an H100/H200).
 
     PYTHONPATH=. python bench/gpu_check.py --out $OUT            # the full check (~6 min)
-    PYTHONPATH=. python bench/gpu_check.py --out $OUT --quick    # a ~2-minute smoke run
+    PYTHONPATH=. python bench/gpu_check.py --out $OUT --quick    # a ~3-minute smoke run
     PYTHONPATH=. python bench/gpu_check.py --dry-run --out /tmp/x # the whole flow on CPU with a tiny shape (CI)
     ... --only attention,train_eager                             # a subset of the sections
 
@@ -82,7 +82,7 @@ def is_oom(e:BaseException)->bool:
     return isinstance(e, torch.OutOfMemoryError) or 'out of memory' in str(e).lower()
 
 def target_kw()->str:
-    "The model forward's name for next-token targets: 'targets' (current API) or 'labels' (before the rename)."
+    "The model forward's name for next-token targets: 'targets' ('labels' in kits from before the rename)."
     from smollm_kit.model import SmolLM
     return 'targets' if 'targets' in inspect.signature(SmolLM.forward).parameters else 'labels'
 
@@ -230,7 +230,7 @@ class Check:
                  '', '| goal | value | target | met |', '|---|---|---|---|']
         for k, (tgt, ok) in GOALS.items():
             v = s.get(k)
-            met = '' if v is None else ('yes' if ok(v) else 'NO')
+            met = '' if v is None or self.a.dry_run else ('yes' if ok(v) else 'NO')  # a dry run measures nothing
             vs = 'n/a' if v is None else f'{v:.1%}' if k == 'mfu_bare_step' else f'{v:.2f}x' if k in ('kit_vs_transformers', 'rollout_vs_generate') else \
                  f'{v:.1f}%' if k.endswith('pct') else f'{v:.2f}' if isinstance(v, float) else str(v)
             lines.append(f'| {k} | {vs} | {tgt} | {met} |')
@@ -327,12 +327,20 @@ def _kit_train(c:Check, mode:str, mb:int, packed:bool=False, keep:bool=False)->d
     fwd = model
     if mode == 'blocks': model.compile_blocks()
     if mode == 'whole': fwd = torch.compile(model)
+    if mode != 'eager':
+        from torch._dynamo.utils import counters
+        counters.clear()
     batch = make_batch(mb, c.T, c.mc.vocab_size, c.dev, packed=packed)
     dt, first, loss = timed_steps(train_step(fwd, opt, batch, c.dev, c.amp), c.warm, c.steps)
     tps = mb * c.T / dt
     if keep: c.keep['blocks'] = (model, opt, batch)
-    return dict(micro_batch=mb, tokens_per_sec=tps, mfu=c.mfu(tps), ms_per_step=dt * 1e3, first_step_s=first, loss=loss,
-                attn_backend=model.attn_backend)
+    d = dict(micro_batch=mb, tokens_per_sec=tps, mfu=c.mfu(tps), ms_per_step=dt * 1e3, first_step_s=first, loss=loss,
+             attn_backend=model.attn_backend)
+    if mode != 'eager':  # did the compile cover what it should? (graph breaks, recompiles)
+        d['dynamo'] = dict(unique_graphs=counters['stats'].get('unique_graphs'), graph_breaks=sum(counters['graph_break'].values()),
+                           break_reasons=[k[:120] for k, _ in counters['graph_break'].most_common(3)],
+                           recompile_limit_hits=sum(v for k, v in counters['stats'].items() if 'limit' in k))
+    return d
 
 def with_oom_retry(c:Check, fn, mb:int, rec:dict):
     "fn(mb), halving mb on CUDA out-of-memory (recorded in rec['oom_at'])."
@@ -447,29 +455,20 @@ def sec_profile(c:Check)->dict:
                 by_kind={k: round(v / total, 3) for k, v in by.most_common()},
                 top=[dict(name=k[:100], share=round(t / total, 4), ms_per_step=round(t / 1e3 / n, 3), calls=cnt // n) for k, t, cnt in top])
 
-def _synthetic_stage(cfg, B:int, T:int, V:int, key:str):
-    "A Stage (old dataclass or new protocol) serving random packed batches: the Trainer without a data pipeline."
-    from smollm_kit import trainer as tr
-    import dataclasses
-    g = {'i': 0}
-    def next_batch(*_):
-        g['i'] += 1
-        ids, docs, tgt = make_batch(B, T, V, 'cpu', packed=True, seed=g['i'])
-        return {'input_ids': ids, 'doc_ids': docs, key: tgt}
-    class State:
-        def state_dict(self): return {'i': g['i']}
-        def load_state_dict(self, sd): g['i'] = sd['i']
-    if dataclasses.is_dataclass(tr.Stage):
-        return tr.Stage('pretrain', next_batch=next_batch, state=State())
-    class Synthetic(tr.Stage):
-        name = 'pretrain'
-        def next_batch(self, ctx=None): return next_batch()
+def _synthetic_stage(B:int, T:int, V:int, key:str):
+    "A pretraining Stage serving random packed batches: the Trainer without a data pipeline."
+    from smollm_kit.trainer import Stage
+    class Synthetic(Stage):
+        name, i = 'pretrain', 0
+        def next_batch(self, ctx=None):
+            self.i += 1
+            ids, docs, tgt = make_batch(B, T, V, 'cpu', packed=True, seed=self.i)
+            return {'input_ids': ids, 'doc_ids': docs, key: tgt}
         def loss(self, model, batch):
             tgt = batch[key]
             return model(batch['input_ids'], doc_ids=batch.get('doc_ids'), **{key: tgt}, reduction='sum'), (tgt != -100).sum(), {}
-        def tokens(self, batch): return batch['input_ids'].numel()
-        def state_dict(self): return State().state_dict()
-        def load_state_dict(self, sd): State().load_state_dict(sd)
+        def state_dict(self): return {'i': self.i}
+        def load_state_dict(self, sd): self.i = sd['i']
     return Synthetic()
 
 def _demo_stage(c:Check, cfg, model, work:Path):
@@ -488,9 +487,7 @@ def _demo_stage(c:Check, cfg, model, work:Path):
     train_tokenizer(texts, min(1024, c.mc.vocab_size), tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     cfg.data.tokenizer = str(tok_dir)
-    if hasattr(P, 'PretrainStage'): return P.PretrainStage(cfg, tok), tok
-    params = inspect.signature(P.pretrain_stage).parameters  # an older / other spelling of the stage factory
-    return (P.pretrain_stage(cfg, model, tok) if 'model' in params else P.pretrain_stage(cfg, tok)), tok
+    return P.PretrainStage(cfg, tok), tok
 
 def sec_trainer(c:Check)->dict:
     "The whole Trainer (data, logging, checkpoints) against the bare step on the batch the Trainer trained on."
@@ -511,7 +508,7 @@ def sec_trainer(c:Check)->dict:
     if c.a.data == 'synthetic' or (c.a.data == 'auto' and importlib.util.find_spec('datasets') is None):
         why = 'asked (--data synthetic)' if c.a.data == 'synthetic' else 'the datasets package is not installed (the demo corpus reader needs it)'
         rec['data'] = f'synthetic random packed batches: {why}'
-        stage, tok = _synthetic_stage(cfg, c.mb, c.T, cfg.model.vocab_size, key), None
+        stage, tok = _synthetic_stage(c.mb, c.T, cfg.model.vocab_size, key), None
     else:
         stage, tok = _demo_stage(c, cfg, model, work); rec['data'] = 'demo corpus (PretrainData)'
     captured = []
@@ -702,7 +699,7 @@ def sec_dtype_audit(c:Check)->dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--out', default=os.environ.get('OUT', '.'), help='directory for gpu_check.json')
-    ap.add_argument('--quick', action='store_true', help='~2 minutes: fewer steps, smaller batch, no whole-model compile')
+    ap.add_argument('--quick', action='store_true', help='~3 minutes: fewer steps, smaller batch, no whole-model compile')
     ap.add_argument('--dry-run', action='store_true', help='the whole flow on CPU with a tiny model (for CI)')
     ap.add_argument('--only', default=None, help=f"comma-separated sections ({', '.join(SECTIONS)})")
     ap.add_argument('--budget', type=float, default=None, help='total seconds for the sections (default 450; 180 with --quick)')

@@ -32,11 +32,11 @@ def main():
     with torch.no_grad():
         ref = hf(input_ids=x, labels=x).loss.item()
         y = torch.full_like(x, -100); y[:, :-1] = x[:, 1:]
-        mine = ours(x, labels=y).item()
+        mine = ours(x, targets=y).item()
     assert abs(ref - mine) < 1e-3, (ref, mine)  # the same model, the same loss
 
     y = torch.full_like(x, -100); y[:, :-1] = x[:, 1:]
-    steps = {'smollm_kit': lambda: ours(x, labels=y), 'transformers SmolLM3': lambda: hf(input_ids=x, labels=x).loss}
+    steps = {'smollm_kit': lambda: ours(x, targets=y), 'transformers SmolLM3': lambda: hf(input_ids=x, labels=x).loss}
     opts = {'smollm_kit': torch.optim.AdamW(ours.parameters(), 1e-4), 'transformers SmolLM3': torch.optim.AdamW(hf.parameters(), 1e-4)}
     times = {k: [] for k in steps}
     for i in range(a.warmup + a.steps):

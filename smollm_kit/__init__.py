@@ -1,11 +1,65 @@
 """Train a ~600M SmolLM-style language model end to end (pretrain, SFT, DPO, RLVR) on one GPU, notebook first.
 
+Train a ~600M-parameter SmolLM-style language model end to end — **pretrain → SFT → DPO/APO → RLVR** — on one
+GPU, with Google Colab as its home. Open `SmolLM_Colab.ipynb`, press *Run all*, watch live loss and cost plots,
+lose your runtime, press *Run all* again and carry on from the last checkpoint. Or drive the same code from a
+shell (`smollm pretrain --config …`) or a multi-GPU box with `torchrun`.
+
+The kit is an [nbdev](https://nbdev.fast.ai) project: the notebooks in `nbs/` are the source *and* a course.
+Read them in order to learn how a modern small LM is trained:
+
+| notebook | what it teaches |
+|---|---|
+| `00_config` | one typed, validated config for every knob; presets; `--set` overrides |
+| `01_model` | RMSNorm, SwiGLU, RoPE + NoPE, GQA, document-masked attention backends, chunked loss |
+| `02a_corpus` | the offline demo corpus, made from Python's own standard library |
+| `02b_tokenizer` | byte-level BPE, the cached demo tokenizer (with ChatML markers), BOS/EOS handling |
+| `02c_data` | sources, a seeded resumable shuffle, domain mixtures, document packing, exact resume |
+| `03_optim` | Muon for matrices, AdamW for the rest, the Warmup-Stable-Decay schedule |
+| `04_checkpoint` | atomic, rotated, mirrored checkpoints that survive `kill -9` |
+| `05_monitor` | FLOPs, MFU, honest cost, loss-spike detection, `metrics.jsonl` |
+| `06_trainer` | the one loop every stage shares |
+| `07_pretrain` | the pretraining stage |
+| `07a_generate`, `07b_export` | KV-cache generation; Hugging Face SmolLM3 export and import |
+| `08_sft` | supervised fine-tuning on chat data: ChatML, assistant-only loss, packed conversations |
+| `09_dpo` | preference tuning: DPO, IPO and APO on packed chosen/rejected pairs |
+| `10_rlvr`, `10a_verifiers` | reinforcement learning with verifiable rewards (GRPO family); the verifiers |
+| `12_eval`, `13_report` | downstream evaluation with lm-evaluation-harness; the report card of a run |
+| `14_ui`, `15_cli` | the Colab widgets and live plots; the `smollm` command |
+
+## The pipeline
+
+```
+sources (HF Hub streams | local files | offline demo corpus) → tokenizer → domain mixture → packer
+  → Trainer (Muon+AdamW, WSD, autocast, grad accumulation, clipping)
+      ├─ monitors: loss spikes / NaN, throughput & MFU, cost & ETA, memory
+      ├─ metrics.jsonl, W&B (optional), live notebook plots
+      └─ checkpoints: atomic, rotated, mirrored to Drive, exact resume
+  → generate (KV cache) · export (Hugging Face SmolLM3 format)
+```
+
+## Presets
+
+| preset | model | batch | budget | for |
+|---|---|---|---|---|
+| `tiny` | 4 layers, d 128, 2K vocab | 8 × 2 × 128 | 150 steps | CPU, offline, tests |
+| `pretrain-135m` | SmolLM-135M shape | 8 × 32 × 2048 | 2B tokens | a free Colab T4 |
+| `pretrain` | `smollm-600m` (d 1536, 24 layers, GQA 12/4, NoPE every 4th layer) | 48 × 16 × 2048 ≈ 1.57M tokens | 10B tokens | one 80 GB GPU |
+
+Any field can be overridden: `smollm pretrain --config tiny --set train.max_steps=20 --set optim.muon_lr=3e-3`.
+A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running the same command again resumes.
+
 Modules:
 
+- `smollm_kit.corpus`: The offline demo corpus built from Python's own standard library, and the cache it and trained tokenizers live in.
+- `smollm_kit.data`: Sources, seeded shuffling, domain mixture and packing: an exact, resumable stream of pretraining batches.
 - `smollm_kit.eval`: Downstream evaluation on lm-evaluation-harness: an `lm_eval` adapter over the kit's model (log-likelihoods, rolling perplexity, generation with the KV cache), the small-model suite with reference numbers, and `smollm eval`.
 - `smollm_kit.export`: Write a checkpoint as a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as SmolLM3, and load SmolLM3 / Llama directories (or our own checkpoints) back into the kit.
 - `smollm_kit.generate`: Sampling from a trained model: a KV cache, batched prompts, greedy / temperature / top-k / top-p, stop conditions, streaming, chat messages, a REPL and the `smollm generate` / `smollm chat` commands.
-- `smollm_kit.model`: A SmolLM3-style decoder: RMSNorm, SwiGLU, GQA, hybrid RoPE/NoPE, tied embeddings, document-causal attention behind three interchangeable kernels, a loss that never holds the full fp32 logits, and a KV cache."""
+- `smollm_kit.model`: A SmolLM3-style decoder: RMSNorm, SwiGLU, GQA, hybrid RoPE/NoPE, tied embeddings, document-causal attention behind three interchangeable kernels, a loss that never holds the full fp32 logits, and a KV cache.
+- `smollm_kit.pipeline`: Pretrain → SFT → DPO/APO → RLVR in one call: each stage in its own run directory, each starting from the previous stage's final weights; finished stages are skipped, an interrupted one resumes.
+- `smollm_kit.report`: The report card of a run or a pipeline: per stage its config, steps, tokens, time, cost, final metrics, curves, downstream evals beside the published SmolLM2 numbers, and sample generations — `report.md` in the run directory.
+- `smollm_kit.tokenizer`: Byte-level BPE training, the cached demo tokenizer, loading any `AutoTokenizer`, and encoding documents with BOS/EOS."""
 
 __version__ = "0.1.0"
 

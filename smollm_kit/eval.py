@@ -7,16 +7,16 @@ Docs: https://smollm-kit.github.io/smollm_kit/eval.html.md"""
 
 # %% ../nbs/12_eval.ipynb #e002
 from __future__ import annotations
-import argparse, json, math, os, re, time
+import abc, argparse, json, math, os, re, time
 from pathlib import Path
 from typing import Callable, Optional
 import torch
+from .config import patch_to
 
 # %% auto #0
-__all__ = ['SUITE', 'BENCHMARKS', 'REFERENCE', 'suite_scores', 'suite_table', 'make_kit_lm', 'KitLM', 'score_pairs',
-           'loglikelihood_rolling', 'generate_until', 'resolve_tasks', 'task_manager', 'flatten_results',
-           'evaluate_model', 'eval_location', 'record_eval', 'periodic_eval', 'add_eval_args', 'format_results',
-           'eval_main']
+__all__ = ['SUITE', 'BENCHMARKS', 'REFERENCE', 'suite_scores', 'suite_table', 'make_kit_lm', 'KitLM', 'resolve_tasks',
+           'task_manager', 'flatten_results', 'evaluate_model', 'eval_location', 'record_eval', 'periodic_eval',
+           'add_eval_args', 'format_results', 'eval_main']
 
 # %% ../nbs/12_eval.ipynb #e005
 SUITE = ['hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'winogrande', 'openbookqa', 'commonsense_qa',
@@ -141,6 +141,7 @@ class KitLM(_TemplateLM):
         return tqdm(total=total, desc=desc, disable=not self.progress)
 
 # %% ../nbs/12_eval.ipynb #e014
+@patch_to(KitLM)
 @torch.inference_mode()
 def score_pairs(self:KitLM, pairs:list[tuple[list[int], list[int]]], # (context ids, continuation ids); context non-empty
                 desc:str='loglikelihood')->list[tuple[float, bool]]:
@@ -171,17 +172,15 @@ def score_pairs(self:KitLM, pairs:list[tuple[list[int], list[int]]], # (context 
     bar.close()
     return out
 
-KitLM.score_pairs = score_pairs
-
+@patch_to(KitLM)
 def _loglikelihood_tokens(self:KitLM, requests, disable_tqdm:bool=False, **kwargs)->list[tuple[float, bool]]:
     res = self.score_pairs([(ctx, cont) for _, ctx, cont in requests])
     for (key, _, _), r in zip(requests, res):
         if key is not None: self.cache_hook.add_partial('loglikelihood', key, r)
     return res
 
-KitLM._loglikelihood_tokens = _loglikelihood_tokens
-
 # %% ../nbs/12_eval.ipynb #e019
+@patch_to(KitLM)
 def loglikelihood_rolling(self:KitLM, requests, disable_tqdm:bool=False)->list[float]:
     "log p(text) of each request's text (lm-eval rolling windows over the model's context)."
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -197,6 +196,7 @@ def loglikelihood_rolling(self:KitLM, requests, disable_tqdm:bool=False)->list[f
     for req, r in zip(requests, out): self.cache_hook.add_partial('loglikelihood_rolling', req.args, r)
     return out
 
+@patch_to(KitLM)
 def _gen_settings(self:KitLM, kw:dict)->dict:
     kw = dict(kw or {})
     until = kw.pop('until', None) or []
@@ -207,6 +207,7 @@ def _gen_settings(self:KitLM, kw:dict)->dict:
                 top_p=kw.pop('top_p', None) if sample else None, top_k=kw.pop('top_k', None) if sample else None,
                 seed=self.seed if sample else None)
 
+@patch_to(KitLM)
 def generate_until(self:KitLM, requests, disable_tqdm:bool=False)->list[str]:
     "Generated text for each (context, generation kwargs) request, cut before the first stop string."
     from smollm_kit.generate import generate_text
@@ -227,8 +228,7 @@ def generate_until(self:KitLM, requests, disable_tqdm:bool=False)->list[str]:
     bar.close()
     return out
 
-KitLM.loglikelihood_rolling, KitLM._gen_settings, KitLM.generate_until = loglikelihood_rolling, _gen_settings, generate_until
-import abc; abc.update_abstractmethods(KitLM)
+abc.update_abstractmethods(KitLM)  # the abstract methods lm-eval requires are all defined now
 
 # %% ../nbs/12_eval.ipynb #e022
 def resolve_tasks(tasks:str|list[str], # names, 'smol', comma-separated names, folders or YAML files
@@ -295,8 +295,9 @@ def evaluate_model(path_or_model,                   # run dir, checkpoint dir, H
                   )->dict:
     "Run lm-eval tasks on a kit model; returns {'results', 'metrics', 'tasks', 'step', 'source', ...}."
     _require_lm_eval()
-    import lm_eval, logging
+    import lm_eval
     from smollm_kit.export import load_model
+    from smollm_kit.checkpoint import capture_rng, restore_rng
     names, paths = resolve_tasks(tasks)
     tm = task_manager_ or task_manager(paths, names)
     if isinstance(path_or_model, (str, Path)):
@@ -310,12 +311,13 @@ def evaluate_model(path_or_model,                   # run dir, checkpoint dir, H
     if apply_chat_template and not getattr(tokenizer, 'chat_template', None):
         raise ValueError("apply_chat_template: the tokenizer has no chat template (a base model? drop --apply-chat-template)")
     lm = KitLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress, seed=seed)
-    t0 = time.time()
-    res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+    t0, rng = time.time(), capture_rng()  # lm-eval seeds the global generators; a training run must not notice
+    try: res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   bootstrap_iters=bootstrap_iters, log_samples=log_samples,
                                   apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                   verbosity='ERROR')
+    finally: restore_rng(rng)
     results, flat = flatten_results(res)
     out = dict(source=source, step=step, tasks=names, limit=limit, num_fewshot=num_fewshot,
                apply_chat_template=apply_chat_template, results=results, metrics=flat,

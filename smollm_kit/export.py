@@ -190,6 +190,7 @@ def export_hf(checkpoint_path:str|Path,       # a checkpoint directory or a run 
     tok.save_pretrained(str(out))
     tcfg = json.loads((out/'tokenizer_config.json').read_text())
     if tcfg.get('tokenizer_class') == 'TokenizersBackend': tcfg['tokenizer_class'] = 'PreTrainedTokenizerFast'  # 4.x knows only this
+    if isinstance(tok.chat_template, str): tcfg['chat_template'] = tok.chat_template  # 4.x reads it here (5.x: chat_template.jinja)
     (out/'tokenizer_config.json').write_text(json.dumps(tcfg, indent=2, sort_keys=True) + '\n')
     if push_to_hub: push_folder(out, push_to_hub)
     return out

@@ -6,12 +6,17 @@ Docs: https://smollm-kit.github.io/smollm_kit/rlvr.html.md"""
 
 # %% ../nbs/10_rlvr.ipynb #r002
 from __future__ import annotations
-import json, math, random, warnings
+import copy, json, math, random, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import torch
+from .config import Config, ConfigError, load_config, patch_to
+from .data import DataError
 from .generate import sample_next
+from .sft import ensure_chat_format, render_chat, chat_stop_ids
+from .trainer import Stage, Trainer, TrainResult
+from .verifiers import build_reward
 
 # %% auto #0
 __all__ = ['HUB_ALIASES', 'policy_loss', 'group_advantages', 'expand_cache', 'Rollout', 'sample_rollouts', 'demo_problems',
@@ -182,13 +187,6 @@ def rlvr_data(rcfg, seed:int=0)->tuple[list[dict], list[dict]]:
     return (train[:-rcfg.val_examples], train[-rcfg.val_examples:]) if rcfg.val_examples else (train, [])
 
 # %% ../nbs/10_rlvr.ipynb #r029
-import copy
-from .config import Config, ConfigError, load_config, patch_to
-from .data import DataError
-from .trainer import Stage, Trainer, TrainResult
-from .verifiers import build_reward
-from .sft import ensure_chat_format, render_chat, chat_stop_ids
-
 def _unwrap(model): return getattr(model, 'module', model)
 
 def policy_logprobs(model, input_ids:torch.Tensor, targets:torch.Tensor, temperature:float=1.0)->tuple[torch.Tensor, torch.Tensor]:

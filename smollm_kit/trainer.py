@@ -118,6 +118,7 @@ class TrainResult:
     interrupted:bool=False                     # stopped by SIGTERM / KeyboardInterrupt (after saving)
     stage:str='pretrain'                       # the stage that ran
     first_eval:dict=field(default_factory=dict) # held-out metrics before the first step (for "before -> after")
+    key_metric:str='val/loss'                  # the stage's measure of success
 
 
 # %% ../nbs/06_trainer.ipynb #c014
@@ -311,7 +312,7 @@ class Trainer:
         peak_lr = self.cfg.optim.muon_lr if self.cfg.optim.name == 'muon_adamw' else self.cfg.optim.adamw_lr
         return {'step': self.step, 'tokens': self.tokens, 'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
                 'train/lr': peak_lr * lr_f, 'train/lr_factor': lr_f, **out['metrics'], **self.stage.step_metrics(),
-                **perf, **cost, 'gpu/memory_allocated_gb': gpu_memory_gb()}
+                **perf, **cost, 'time/elapsed_s': self.cost.elapsed_s, 'gpu/memory_allocated_gb': gpu_memory_gb()}
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def fit(self)->TrainResult:
@@ -359,7 +360,7 @@ class Trainer:
         for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
         self.stage.close(); self.logger.close()
         res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
-                          interrupted, self.stage.name, first_eval)
+                          interrupted, self.stage.name, first_eval, self.stage.key_metric)
         self.print_summary(res, total)
         return res
 

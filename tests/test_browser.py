@@ -4,7 +4,8 @@ appear and change while training runs, and the run must finish. Screenshots go t
 is printed (run with -s to see it).
 
 Needs: apt `chromium`; pip `jupyterlab`, `playwright` (its Python package only: Debian's Chromium is used, no
-`playwright install`), `ipywidgets>=8` (brings `jupyterlab_widgets`). Skips, saying what is missing, otherwise.
+`playwright install`), `ipywidgets>=8` (brings `jupyterlab_widgets`). Skips, saying what is missing, otherwise —
+except where SMOLLM_REQUIRE_BROWSER=1 (CI), where a missing tool fails the test.
 """
 import os, shutil, sys, tempfile, time
 from pathlib import Path
@@ -16,7 +17,10 @@ from jupyterlab_harness import missing_tools, jupyterlab, launch_chromium, open_
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT/'SmolLM_Colab.ipynb'
 STEPS = 20
-pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"browser test needs: {', '.join(missing_tools())}")
+MISSING = missing_tools()
+# CI (.ci/run) installs the tools and sets SMOLLM_REQUIRE_BROWSER=1: there a missing tool is a failure, never a skip.
+REQUIRED = os.environ.get('SMOLLM_REQUIRE_BROWSER') == '1'
+pytestmark = pytest.mark.skipif(bool(MISSING) and not REQUIRED, reason=f"browser test needs: {', '.join(MISSING)}")
 
 PLOT = '.jp-OutputArea-output img'  # the live plot (LivePlot displays a PNG, updated in place)
 
@@ -34,6 +38,7 @@ def wait_for(page, cond, timeout:float, what:str, poll:float=0.25):
 
 @pytest.mark.slow
 def test_run_all_in_jupyterlab_renders_widgets_and_a_live_plot():
+    assert not MISSING, f"SMOLLM_REQUIRE_BROWSER=1 but the browser test lacks: {', '.join(MISSING)} (bash .ci/browser-deps)"
     from playwright.sync_api import sync_playwright
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix='smollm-browser-'))

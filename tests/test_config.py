@@ -84,7 +84,7 @@ def test_yaml_file_errors(tmp_path):
     with pytest.raises(ConfigError, match='not valid YAML'): load_config(tmp_path/'bad.yaml')
     with pytest.raises(ConfigError, match="no preset or file named 'nope.yaml'"): load_config('nope.yaml')
     (tmp_path/'list.yaml').write_text('- 1\n- 2\n')
-    with pytest.raises(ConfigError, match='expected a mapping'): load_config(tmp_path/'list.yaml')
+    with pytest.raises(ConfigError, match='must be a mapping of sections'): load_config(tmp_path/'list.yaml')
 
 def test_cli_overrides_parse_yaml_scalars():
     cfg = load_config('tiny', ['train.max_steps=7', 'optim.muon_lr=3e-3', 'checkpoint.mirror_dir=null', 'train.compile=false'])

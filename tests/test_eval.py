@@ -119,7 +119,7 @@ def test_loglikelihood_rolling_task_end_to_end(run, tmp_path):
     docs = [{'text': ' '.join(TEXTS * 2)}, {'text': TEXTS[1]}]
     d = write_task(tmp_path/'tasks', 'toy_ppl', docs, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
                    'doc_to_target: "{{text}}"\nmetric_list: [{metric: bits_per_byte}]\n')
-    r = evaluate_model(run, str(d), batch_size=2, bootstrap_iters=0, progress=False)
+    r = evaluate_model(run, str(d), batch_size=2, bootstrap_iters=0, progress=False, device='cpu')
     L, total = model.cfg.max_seq_len, 0.0
     for doc in docs:
         seq = [tok.bos_token_id] + tok.encode(doc['text'], add_special_tokens=False)
@@ -142,7 +142,7 @@ def test_generation_task_scored_end_to_end(run, tmp_path):
     d = write_task(tmp_path/'tasks', 'toy_gen', rows, 'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
                    'target_delimiter: ""\ngeneration_kwargs: {until: ["."], max_gen_toks: 5, do_sample: false}\n'
                    'metric_list: [{metric: exact_match}]\n')
-    r = evaluate_model(run, str(d), batch_size=2, bootstrap_iters=0, progress=False, log_samples=True)
+    r = evaluate_model(run, str(d), batch_size=2, bootstrap_iters=0, progress=False, device='cpu', log_samples=True)
     assert [s['resps'][0][0] for s in sorted(r['samples']['toy_gen'], key=lambda s: s['doc_id'])] == greedy
     assert r['metrics']['eval/toy_gen/exact_match'] == pytest.approx(3 / 5)
 
@@ -154,12 +154,12 @@ def test_multiple_choice_accuracy_and_hf_dir_agree(run, tmp_path):
     rows = [{'q': c, 'choices': [' mat', ' bone', ' four'], 'label': i % 3} for i, c in enumerate(['the cat sat on the', 'a dog ate the',
                                                                                               'two plus two is', 'paris is'])]
     d = write_task(tmp_path/'tasks', 'toy_mc', rows, MC)
-    r = evaluate_model(run, [str(d)], bootstrap_iters=0, progress=False)
+    r = evaluate_model(run, [str(d)], bootstrap_iters=0, progress=False, device='cpu')
     right = [max(range(3), key=lambda j: lm.score_pairs([lm._encode_pair(x['q'], x['choices'][j])])[0][0]) == x['label'] for x in rows]
     assert r['metrics']['eval/toy_mc/acc'] == pytest.approx(sum(right) / len(right))
     assert r['step'] == 20 and r['tasks'] == ['toy_mc']
     hf = export_hf(run, tmp_path/'hf')
-    assert evaluate_model(hf, str(d), bootstrap_iters=0, progress=False)['metrics'] == r['metrics']
+    assert evaluate_model(hf, str(d), bootstrap_iters=0, progress=False, device='cpu')['metrics'] == r['metrics']
 
 
 def test_chat_template_renders_prompts(tmp_path):
@@ -169,7 +169,7 @@ def test_chat_template_renders_prompts(tmp_path):
     d = write_task(tmp_path/'tasks', 'toy_chat', [{'q': 'what is two plus two?', 'a': 'four'}],
                    'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
                    'generation_kwargs: {until: ["<|im_end|>"], max_gen_toks: 4}\nmetric_list: [{metric: exact_match}]\n')
-    r = evaluate_model(ckpt, str(d), apply_chat_template=True, bootstrap_iters=0, progress=False, log_samples=True)
+    r = evaluate_model(ckpt, str(d), apply_chat_template=True, bootstrap_iters=0, progress=False, device='cpu', log_samples=True)
     prompt = r['samples']['toy_chat'][0]['arguments'][0][0]
     assert prompt == '<|im_start|>user\nwhat is two plus two?<|im_end|>\n<|im_start|>assistant\n'
     with pytest.raises(ValueError, match='no chat template'):
@@ -201,8 +201,8 @@ def test_eval_cli_records_results(run, tmp_path):
                                                 {'q': 'a dog ate the', 'choices': [' mat', ' bone'], 'label': 1}], MC)
     d = write_task(d, 'toy_mc2', [{'q': 'paris is', 'choices': [' four', ' the'], 'label': 1}], MC.replace('acc}', 'acc_norm}'))
     p = add_eval_args(argparse.ArgumentParser())
-    assert eval_main(p.parse_args(['--model', str(run), '--tasks', str(d/'toy_mc.yaml'), '--bootstrap-iters', '0'])) == 0
-    assert eval_main(p.parse_args(['--model', str(run), '--tasks', str(d/'toy_mc2.yaml'), '--bootstrap-iters', '0'])) == 0
+    assert eval_main(p.parse_args(['--model', str(run), '--tasks', str(d/'toy_mc.yaml'), '--bootstrap-iters', '0', '--device', 'cpu'])) == 0
+    assert eval_main(p.parse_args(['--model', str(run), '--tasks', str(d/'toy_mc2.yaml'), '--bootstrap-iters', '0', '--device', 'cpu'])) == 0
     res = json.loads((run/'eval_results.json').read_text())
     assert res['step'] == 20 and set(res['results']) == {'toy_mc', 'toy_mc2'}  # same checkpoint: merged
     recs, events = read_metrics(run)
@@ -210,7 +210,7 @@ def test_eval_cli_records_results(run, tmp_path):
     assert {'eval/toy_mc/acc', 'eval/toy_mc2/acc_norm'} <= set(recs[-1])
     # the older checkpoint: an 'eval' event at step 10, the history of steps 10..20 stays intact
     ck10 = run/'checkpoints'/sorted(os.listdir(run/'checkpoints'))[0]
-    assert eval_main(p.parse_args(['--model', str(ck10), '--tasks', str(d/'toy_mc.yaml'), '--bootstrap-iters', '0',
+    assert eval_main(p.parse_args(['--model', str(ck10), '--tasks', str(d/'toy_mc.yaml'), '--bootstrap-iters', '0', '--device', 'cpu',
                                    '--output', str(tmp_path/'out')])) == 0
     recs2, events2 = read_metrics(run)
     assert [r['step'] for r in recs2] == [10, 20] and recs2[-1] == recs[-1]
@@ -224,6 +224,8 @@ def test_periodic_eval_on_live_model(run, tmp_path):
     model, tok = load_model(run)
     d = write_task(tmp_path/'tasks', 'toy_mc', [{'q': 'the cat sat on the', 'choices': [' mat', ' bone'], 'label': i % 2} for i in range(4)], MC)
     ev = periodic_eval(str(d), limit=2)
-    m = ev(model, tok)
+    torch.manual_seed(3); want = torch.rand(4)
+    torch.manual_seed(3); m = ev(model, tok)
+    assert torch.equal(torch.rand(4), want)  # lm-eval's seeding does not leak into the caller's (the trainer's) RNG
     assert set(m) == {'eval/toy_mc/acc'}
-    assert m['eval/toy_mc/acc'] == evaluate_model(model, str(d), tokenizer=tok, limit=2, bootstrap_iters=0, progress=False)['metrics']['eval/toy_mc/acc']
+    assert m['eval/toy_mc/acc'] == evaluate_model(model, str(d), tokenizer=tok, limit=2, bootstrap_iters=0, progress=False, device='cpu')['metrics']['eval/toy_mc/acc']

@@ -222,7 +222,7 @@ def test_gpu_backend_matches_sdpa_bf16(backend):
     ids, docs = ids.cuda(), docs.cuda()
     with torch.autocast('cuda', torch.bfloat16):
         a, b = ref(ids, docs).float(), other(ids, docs).float()
-        la, lb = ref(ids, docs, labels=ids), other(ids, docs, labels=ids)
+        la, lb = ref(ids, docs, targets=ids), other(ids, docs, targets=ids)
     torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
     lb.backward()
     torch.testing.assert_close(la, lb, atol=1e-2, rtol=1e-2)
@@ -243,7 +243,7 @@ def test_chunked_loss_equals_plain_cross_entropy(chunk):
     m = model(loss_chunk_size=chunk).train()
     ids, docs = packed_row()
     labels = ids.roll(-1, 1); labels[:, -1] = -100; labels[docs != docs.roll(-1, 1)] = -100; labels[0, :4] = -100
-    loss = m(ids, docs, labels=labels)
+    loss = m(ids, docs, targets=labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
@@ -256,7 +256,7 @@ def test_chunked_loss_equals_plain_cross_entropy(chunk):
 def test_loss_without_labelled_tokens_is_zero_not_nan():
     m = model()
     ids = torch.randint(0, 97, (1, 8))
-    loss = m(ids, labels=torch.full_like(ids, -100))
+    loss = m(ids, targets=torch.full_like(ids, -100))
     assert loss.item() == 0.0
     loss.backward()  # still differentiable
 
@@ -267,7 +267,7 @@ def test_loss_does_not_keep_chunk_logits_for_backward():
     ids = torch.randint(0, 4096, (8, 64))  # 512 tokens, 4 chunks
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        m(ids, labels=ids)
+        m(ids, targets=ids)
     assert m.cfg.vocab_size * m.cfg.d_model < 128 * 4096  # the weight gradient is smaller than one chunk of logits
     assert max(saved) < 128 * 4096, max(saved)  # no logits-sized tensor is saved
 
@@ -313,9 +313,9 @@ def test_embed_scale_multiplies_embedding_output():
     (dict(input_ids=[[1, 2]]), 'input_ids: expected an integer tensor'),
     (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), doc_ids=torch.zeros(2, 3, dtype=torch.long)), r'doc_ids: expected shape \(2, 4\)'),
     (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), doc_ids=torch.zeros(2, 4)), 'doc_ids: expected an integer tensor'),
-    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), labels=torch.zeros(2, 5, dtype=torch.long)), 'labels: expected shape'),
-    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), labels=torch.full((2, 4), 97)), 'labels: 8 values are neither -100'),
-    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), labels=torch.full((2, 4), -1)), 'labels: 8 values'),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), targets=torch.zeros(2, 5, dtype=torch.long)), 'targets: expected shape'),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), targets=torch.full((2, 4), 97)), 'targets: 8 values are neither -100'),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), targets=torch.full((2, 4), -1)), 'targets: 8 values'),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match): model()(**kwargs)
@@ -336,7 +336,7 @@ def test_activation_checkpointing_gives_identical_grads():
     grads = []
     for ckpt in (False, True):
         m = model().train().set_activation_checkpointing(ckpt)
-        m(ids, docs, labels=ids).backward()
+        m(ids, docs, targets=ids).backward()
         grads.append([p.grad for p in m.parameters()])
     for a, b in zip(*grads): assert torch.equal(a, b)
 
@@ -346,7 +346,7 @@ def test_activation_checkpointing_saves_less():
     def saved_numel(ckpt):
         m = model(n_layers=3).train().set_activation_checkpointing(ckpt)
         n = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(t.numel()) or t, lambda t: t): m(ids, labels=ids)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.append(t.numel()) or t, lambda t: t): m(ids, targets=ids)
         return sum(n)
     assert saved_numel(True) < 0.5 * saved_numel(False)
 
@@ -373,8 +373,8 @@ def test_cache_errors():
     m = model()
     cache = m.new_cache(1, 4)
     with pytest.raises(ValueError, match='do not fit the KV cache'): m(torch.zeros(1, 5, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match='labels: not supported together with a KV cache'):
-        m(torch.zeros(1, 2, dtype=torch.long), labels=torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match='targets: not supported together with a KV cache'):
+        m(torch.zeros(1, 2, dtype=torch.long), targets=torch.zeros(1, 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match='batch size 2 does not match'): m(torch.zeros(2, 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match='exceeds model.max_seq_len'): m.new_cache(1, 65)
 
@@ -384,7 +384,7 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
     m = model(loss_chunk_size=16).train()
     ids = torch.randint(0, 97, (2, 64))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        loss = m(ids, labels=ids)
+        loss = m(ids, targets=ids)
         loss.backward()
         g = m.embed_tokens.weight.grad.clone(); m.zero_grad()
         ref = F.cross_entropy(m(ids).float().flatten(0, 1), ids.flatten())

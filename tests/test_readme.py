@@ -1,5 +1,5 @@
-"The README's quickstart command works from a wheel installed into a fresh virtual environment."
-import json, math, os, re, shutil, subprocess, sys, venv
+"The README's commands: the quickstart works from a wheel in a fresh virtual environment; CI runs the test command; the\nREADME is the course's front page (nbs/index.ipynb); the package docs list every module."
+import json, math, os, re, shutil, subprocess, sys, sysconfig, venv
 from pathlib import Path
 import pytest
 
@@ -13,11 +13,21 @@ def readme_command(name:str)->str:
 
 @pytest.fixture(scope='module')
 def fresh_venv(tmp_path_factory):
-    "A new venv that sees the machine's torch & co. (system site packages) but has no smollm_kit of its own."
+    """A new venv with no smollm_kit of its own that sees the packages of the environment running this test (torch & co.).
+
+    That environment is wherever `pip install -e ".[dev]"` put them: the base interpreter, or a newcomer's own venv
+    (a venv's `system_site_packages` would see the *base* interpreter instead, which in a venv lacks torch). The
+    wheel is built with that environment's setuptools (>= 77, a dev dependency: the PEP 639 licence string needs
+    it), as pip's build isolation would, but offline: the venv's own older setuptools is removed."""
     d = tmp_path_factory.mktemp('venv')
-    venv.create(d, system_site_packages=True, with_pip=True)
-    # Python 3.11's venv bundles an old setuptools that predates PEP 639 licence strings; build with the machine's
-    subprocess.run([str(d/'bin'/'python'), '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'], check=True)
+    venv.create(d, with_pip=True)
+    py = str(d/'bin'/'python')
+    site = subprocess.run([py, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], capture_output=True, text=True, check=True).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']])
+    (Path(site)/'_outer_env.pth').write_text(''.join(f'{p}\n' for p in ours))  # after the venv's own packages
+    subprocess.run([py, '-m', 'pip', 'uninstall', '-q', '-y', 'setuptools'], check=True)
+    v = subprocess.run([py, '-c', 'import setuptools; print(setuptools.__version__)'], capture_output=True, text=True, check=True).stdout
+    assert int(v.split('.')[0]) >= 77, f"setuptools {v.strip()} in this environment; pip install -e '.[dev]' brings >= 77"
     return d
 
 def test_quickstart_from_wheel_in_fresh_venv(fresh_venv, tmp_path):
@@ -27,7 +37,7 @@ def test_quickstart_from_wheel_in_fresh_venv(fresh_venv, tmp_path):
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns('.git', 'runs', '*.egg-info', 'build', 'dist', '__pycache__', '.venv*'))
     env = {**os.environ, 'PATH': f"{fresh_venv/'bin'}:{os.environ['PATH']}", 'VIRTUAL_ENV': str(fresh_venv),
            'PIP_NO_INDEX': '1',              # never the network: every dependency is already on the machine
-           'PIP_NO_BUILD_ISOLATION': '0',    # build with the installed setuptools
+           'PIP_NO_BUILD_ISOLATION': '0',    # pip reads this inverted: 0 = no isolation, build with the installed setuptools
            'WANDB_MODE': 'disabled', 'HF_HUB_OFFLINE': '1'}
     env.pop('PYTHONPATH', None)
     p = subprocess.run(['bash', '-c', cmd], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
@@ -47,4 +57,23 @@ def test_quickstart_from_wheel_in_fresh_venv(fresh_venv, tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT/'.ci/run').read_text()
     assert 'readme-command: test' in ci and 'nbdev-clean' in ci and 'nbdev-export' in ci
+    assert '\nbash .ci/browser-deps\n' in ci and 'SMOLLM_REQUIRE_BROWSER=1' in ci  # a failed browser install fails CI
     assert readme_command('test').startswith('pip install -e ".[dev]"')
+
+def test_readme_is_the_index_notebook():
+    "nbs/index.ipynb is the README, cell by cell: edit both (nbdev builds the package docstring and llms.txt from it)."
+    nb = json.loads((ROOT/'nbs/index.ipynb').read_text())
+    cells = []
+    for c in nb['cells']:
+        assert c['cell_type'] == 'markdown', 'the index notebook is prose only'
+        cells.append(re.sub(r'\A(#\|[^\n]*\n)+', '', ''.join(c['source'])).strip())
+    assert '\n\n'.join(cells) == (ROOT/'README.md').read_text().strip(), "README.md and nbs/index.ipynb differ"
+
+def test_package_docs_list_every_module():
+    "nbdev lists a module in llms.txt and the package docstring only when its docstring says more than its summary."
+    import ast
+    mods = sorted(f'smollm_kit.{p.stem}' for p in (ROOT/'smollm_kit').glob('*.py') if not p.name.startswith('_'))
+    llms = (ROOT/'nbs/llms.txt').read_text()
+    doc = ast.get_docstring(ast.parse((ROOT/'smollm_kit/__init__.py').read_text())) or ''
+    assert [m for m in mods if f'[{m}]' not in llms] == [], 'not in nbs/llms.txt (tag an overview markdown cell #| export)'
+    assert [m for m in mods if f'`{m}`' not in doc] == [], 'not in the package docstring'
