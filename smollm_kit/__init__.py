@@ -51,15 +51,19 @@ A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running
 
 Modules:
 
+- `smollm_kit.colab`: Where a run lives on Colab (local disk, mirrored to Drive), free-space checks, the pinned install, and the finish line: download.
 - `smollm_kit.corpus`: The offline demo corpus built from Python's own standard library, and the cache it and trained tokenizers live in.
 - `smollm_kit.data`: Sources, seeded shuffling, domain mixture and packing: an exact, resumable stream of pretraining batches.
 - `smollm_kit.eval`: Downstream evaluation on lm-evaluation-harness: an `lm_eval` adapter over the kit's model (log-likelihoods, rolling perplexity, generation with the KV cache), the small-model suite with reference numbers, and `smollm eval`.
 - `smollm_kit.export`: Write a checkpoint as a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as SmolLM3, and load SmolLM3 / Llama directories (or our own checkpoints) back into the kit.
 - `smollm_kit.generate`: Sampling from a trained model: a KV cache, batched prompts, greedy / temperature / top-k / top-p, stop conditions, streaming, chat messages, a REPL and the `smollm generate` / `smollm chat` commands.
+- `smollm_kit.liveplot`: One figure per stage, updated in place while it trains: smoothed loss, DPO reward accuracy, RL reward ± std; steps and tokens; the history of a resumed run.
 - `smollm_kit.model`: A SmolLM3-style decoder: RMSNorm, SwiGLU, GQA, hybrid RoPE/NoPE, tied embeddings, document-causal attention behind three interchangeable kernels, a loss that never holds the full fp32 logits, and a KV cache.
+- `smollm_kit.panel`: Widgets that drive a whole pipeline run: stages, per-stage budget, learning rates and batch, with what it will cost, and what cannot apply said in the panel.
 - `smollm_kit.pipeline`: Pretrain → SFT → DPO/APO → RLVR in one call: each stage in its own run directory, each starting from the previous stage's final weights; finished stages are skipped, an interrupted one resumes.
 - `smollm_kit.report`: The report card of a run or a pipeline: per stage its config, steps, tokens, time, cost, final metrics, curves, downstream evals beside the published SmolLM2 numbers, and sample generations — `report.md` in the run directory.
-- `smollm_kit.tokenizer`: Byte-level BPE training, the cached demo tokenizer, loading any `AutoTokenizer`, and encoding documents with BOS/EOS."""
+- `smollm_kit.tokenizer`: Byte-level BPE training, the cached demo tokenizer, loading any `AutoTokenizer`, and encoding documents with BOS/EOS.
+- `smollm_kit.ui`: Everything `SmolLM_Colab.ipynb` uses, in one import: the Colab plumbing, the control panel and the live plots."""
 
 __version__ = "0.1.0"
 

@@ -6,8 +6,8 @@ Docs: https://smollm-kit.github.io/smollm_kit/checkpoint.html.md"""
 
 # %% ../nbs/04_checkpoint.ipynb #c002
 from __future__ import annotations
-import concurrent.futures as cf, fnmatch, hashlib, json, logging, os, pickle, random, re, secrets, shutil, signal
-import socket, threading, time, warnings
+import concurrent.futures as cf, errno, hashlib, json, logging, os, pickle, random, re, secrets, shutil
+import socket, sys, threading, time, warnings
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -16,12 +16,14 @@ import numpy as np, torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .config import CheckpointConfig, ConfigError, from_dict
+from .resume import SAFE_RESUME_CHANGES, check_resume_compat   # re-exported: their home is `resume`
+from .interrupt import GracefulInterrupt                       # re-exported: its home is `interrupt`
 
 # %% auto #0
-__all__ = ['FORMAT', 'SAFE_RESUME_CHANGES', 'CheckpointError', 'capture_rng', 'restore_rng', 'snapshot', 'dedupe_tied',
-           'save_model_state', 'load_model_state', 'file_digest', 'write_manifest', 'read_manifest',
-           'verify_checkpoint', 'load_checkpoint', 'rotation_plan', 'copy_checkpoint', 'CheckpointManager',
-           'GracefulInterrupt', 'check_resume_compat']
+__all__ = ['FORMAT', 'CheckpointError', 'CheckpointWriteError', 'DiskFullError', 'capture_rng', 'restore_rng', 'snapshot',
+           'dedupe_tied', 'save_model_state', 'load_model_state', 'file_digest', 'write_manifest', 'read_manifest',
+           'verify_checkpoint', 'load_checkpoint', 'rotation_plan', 'quarantine', 'copy_checkpoint',
+           'CheckpointManager']
 
 # %% ../nbs/04_checkpoint.ipynb #c004
 _log = logging.getLogger(__name__)
@@ -30,6 +32,12 @@ _STEP_RE = re.compile(r'^step_(\d{8,})$')
 
 class CheckpointError(ValueError):
     "A checkpoint is missing, incomplete, corrupted or holds something other than data; the message names the file."
+
+class CheckpointWriteError(CheckpointError):
+    "Writing a checkpoint failed; the previous checkpoints are untouched."
+
+class DiskFullError(CheckpointWriteError):
+    "No room for the next checkpoint: the message says where, how much it needs and how much is free."
 
 # %% ../nbs/04_checkpoint.ipynb #c006
 def capture_rng()->dict:
@@ -260,8 +268,22 @@ def _remove_dir(p:Path):
     os.rename(p, trash)
     shutil.rmtree(trash)
 
+def quarantine(path:Path,  # an invalid checkpoint directory `.../step_00000020`
+               reason:str, # why it is invalid (a few words go into the new name)
+              )->Path:
+    "Rename an invalid checkpoint aside to `invalid-<name>-<reason>` (never overwritten, rotated or resumed); the new path."
+    path = Path(path)
+    slug = re.sub(r'[^A-Za-z0-9]+', '-', reason).strip('-').lower()[:40].rstrip('-') or 'invalid'
+    dst = path.parent/f'invalid-{path.name}-{slug}'
+    if dst.exists(): dst = dst.with_name(f'{dst.name}-{secrets.token_hex(2)}')
+    os.rename(path, dst)
+    return dst
+
 def _publish(tmp:Path, final:Path):
-    "Rename the finished temp directory `tmp` to `final` (replacing an older one) and make the rename durable."
+    "Rename the finished temp directory `tmp` to `final` (replacing an older valid one, quarantining an invalid one); durable."
+    if final.exists() and (why := verify_checkpoint(final, full=False)) is not None:
+        dst = quarantine(final, why)
+        warnings.warn(f"{final} was not a valid checkpoint ({why}): kept as {dst.name}")
     if final.exists():
         trash = final.parent/_tmp_name('del')
         os.rename(final, trash)
@@ -295,6 +317,27 @@ def copy_checkpoint(src:Path,              # a valid checkpoint directory
     return dst_root/src.name
 
 # %% ../nbs/04_checkpoint.ipynb #c026
+def _human(n:float)->str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if abs(n) < 1024 or unit == 'TiB': return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
+        n /= 1024
+
+def _tensor_bytes(x)->int:
+    if isinstance(x, torch.Tensor): return x.numel() * x.element_size()
+    if isinstance(x, dict): return sum(_tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple, set)): return sum(_tensor_bytes(v) for v in x)
+    return 0
+
+def _dir_bytes(d:Path)->int: return sum(p.stat().st_size for p in Path(d).rglob('*') if p.is_file())
+
+def _is_no_space(e:BaseException|None)->bool:
+    "Does `e` (or what caused it) say the disk or quota is full, whatever library raised it?"
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT): return True
+        if 'No space left' in str(e) or 'Disk quota exceeded' in str(e): return True
+        e = e.__cause__ or e.__context__
+    return False
+
 class CheckpointManager:
     "Save, verify, rotate, mirror and find the checkpoints of one run."
     def __init__(self, run_dir:str|Path,            # the run directory; checkpoints go to `<run_dir>/checkpoints/`
@@ -318,7 +361,10 @@ class CheckpointManager:
         self._future, self._mirror_futs, self._mirror_pending = None, [], set()
         self._pool, self._verified, self._events, self._lock = {}, {}, [], threading.Lock()
         self._last_step, self._last_time = None, time.monotonic()
+        self._last_bytes, self.error = 0, None    # size of the last checkpoint written; the error of a failed save
+        self.invalid = []                         # (path, reason) of the checkpoints `latest_valid()` had to skip
 
+    # -- events and cadence ------------------------------------------------------------------------------------------
     def _event(self, **e):
         with self._lock: self._events.append(e)
 
@@ -335,233 +381,216 @@ class CheckpointManager:
         now = time.monotonic() if now is None else now
         return bool(c.every_minutes) and now - self._last_time >= c.every_minutes*60
 
-# %% ../nbs/04_checkpoint.ipynb #c028
-def _save(self:CheckpointManager,
-          step:int,                    # optimizer steps done; names the directory `step_{step:08d}`
-          model_state:dict,            # `model.state_dict()` (of the un-compiled module), tied weights allowed
-          state:dict,                  # everything else: optimizers, schedule, scaler, data, rng, counters, monitors
-          config_yaml:str|None=None,   # the resolved config as YAML
-          tokenizer=None,              # an object with `save_pretrained(dir)` (e.g. a transformers tokenizer)
-          tokenizer_dir:str|Path|None=None, # or a directory of tokenizer files to copy
-          block:bool=False,            # wait until the checkpoint is complete, even with `async_save`
-          manifest_extra:dict|None=None, # extra fields for manifest.json (stage, lineage)
-         )->Path:
-    "Write a checkpoint atomically (in the background unless `block`), rotate, mirror; its path (complete after `wait()`)."
-    t0, final = time.monotonic(), self.dir/f'step_{step:08d}'
-    if self.rank != 0:
+    # -- free space and failures -------------------------------------------------------------------------------------
+    def _no_space(self, need:int, free:int)->DiskFullError:
+        return DiskFullError(f"no space left on {self.dir}: this checkpoint needs ~{_human(need)}, {_human(free)} free "
+                             "(the previous checkpoint is intact; free some space or set checkpoint.keep_last lower, then resume)")
+
+    def check_space(self, need:int):
+        "Raise `DiskFullError` if `self.dir`'s filesystem has less than `need` bytes free."
+        free = shutil.disk_usage(self.dir if self.dir.exists() else self.run_dir).free
+        if free < need:
+            err = self._no_space(need, free)
+            self._event(event='checkpoint_error', step=None, error=str(err))
+            raise err
+
+    def _failed(self, step:int, e:BaseException, need:int)->CheckpointWriteError:
+        "Turn any write failure into a one-line kit error (disk full when it is), record it and report it at once."
+        try: free = shutil.disk_usage(self.dir).free
+        except OSError: free = None
+        if _is_no_space(e) or (free is not None and free < need): err = self._no_space(need, free or 0)
+        else: err = CheckpointWriteError(f"{self.dir}: writing the checkpoint of step {step} failed: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        self.error = err
+        self._event(event='checkpoint_error', step=step, error=str(err))
+        print(f"smollm_kit: checkpoint of step {step} FAILED: {err}", file=sys.stderr, flush=True)
+        return err
+
+    def raise_if_failed(self):
+        "Raise the error of a failed background save, if there was one (the trainer calls this after every step)."
+        if self.error is not None: raise self.error
+
+    # -- saving --------------------------------------------------------------------------------------------------------
+    def save(self,
+             step:int,                    # optimizer steps done; names the directory `step_{step:08d}`
+             model_state:dict,            # `model.state_dict()` (of the un-compiled module), tied weights allowed
+             state:dict,                  # everything else: optimizers, schedule, scaler, data, rng, counters, monitors
+             config_yaml:str|None=None,   # the resolved config as YAML
+             tokenizer=None,              # an object with `save_pretrained(dir)` (e.g. a transformers tokenizer)
+             tokenizer_dir:str|Path|None=None, # or a directory of tokenizer files to copy
+             block:bool=False,            # wait until the checkpoint is complete, even with `async_save`
+             manifest_extra:dict|None=None, # extra fields for manifest.json (stage, lineage)
+            )->Path:
+        "Write a checkpoint atomically (in the background unless `block`), rotate, mirror; its path (complete after `wait()`)."
+        t0, final = time.monotonic(), self.dir/f'step_{step:08d}'
+        if self.rank != 0:
+            self._last_step, self._last_time = step, t0
+            return final
+        if tokenizer is not None and tokenizer_dir is not None: raise ValueError("save: pass tokenizer or tokenizer_dir, not both")
+        if tokenizer is not None and not hasattr(tokenizer, 'save_pretrained'):
+            raise ValueError(f"save: tokenizer must have save_pretrained(dir), got {type(tokenizer).__name__}")
+        self.wait()                                   # one save in flight; its buffers are about to be reused
         self._last_step, self._last_time = step, t0
-        return final
-    if tokenizer is not None and tokenizer_dir is not None: raise ValueError("save: pass tokenizer or tokenizer_dir, not both")
-    if tokenizer is not None and not hasattr(tokenizer, 'save_pretrained'):
-        raise ValueError(f"save: tokenizer must have save_pretrained(dir), got {type(tokenizer).__name__}")
-    self.wait()                                   # one save in flight; its buffers are about to be reused
-    self._last_step, self._last_time = step, t0
-    uniq, tied = dedupe_tied(model_state)
-    pool, new_pool, pin = self._pool, {}, self.reuse_buffers
-    msnap, _ = snapshot(uniq, 'model_state', pool, new_pool, pin)
-    ssnap, _ = snapshot(state, 'state', pool, new_pool, pin)
-    self._pool = new_pool if self.reuse_buffers else {}
-    self.dir.mkdir(parents=True, exist_ok=True)
-    for p in self.dir.glob('.tmp-*'):
-        if _is_stale(p): shutil.rmtree(p, ignore_errors=True)
-    tmp = self.dir/_tmp_name(final.name)
-    tmp.mkdir()
-    try:
-        if config_yaml is not None: (tmp/'config.yaml').write_text(config_yaml)
-        if tokenizer is not None: tokenizer.save_pretrained(str(tmp/'tokenizer'))
-        if tokenizer_dir is not None: shutil.copytree(tokenizer_dir, tmp/'tokenizer')
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    job = partial(self._write, step, tmp, final, msnap, tied, list(model_state), ssnap, time.monotonic() - t0, manifest_extra)
-    if self.async_save and not block: self._future = self._writer.submit(job)
-    else: job()
-    return final
-CheckpointManager.save = _save
-
-# %% ../nbs/04_checkpoint.ipynb #c029
-def _write(self:CheckpointManager, step, tmp:Path, final:Path, msnap, tied, keys, ssnap, stall:float, extra:dict|None=None):
-    "The background half of `save`: serialise, fsync, hash, manifest, rename; then rotate and queue the mirror copy."
-    t1 = time.monotonic()
-    try:
-        save_model_state(tmp/'model.safetensors', msnap, tied, keys)
-        torch.save(ssnap, tmp/'state.pt')
-        man = write_manifest(tmp, step, {'tied': tied, **(extra or {})})
-        _publish(tmp, final)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._event(event='checkpoint_error', step=step, error=f"{type(e).__name__}: {e}")
-        raise
-    self._verified[str(final)] = _signature(final, man)   # just hashed: no need to re-hash for a resume in this process
-    self._event(event='checkpoint_written', step=step, path=str(final), bytes=sum(f['size'] for f in man['files'].values()),
-                stall_s=round(stall, 3), write_s=round(time.monotonic() - t1, 3))
-    with self._lock: protect = {step, *self._mirror_pending}
-    self._rotate(self.dir, protect, 'local')
-    if self.mirror_dir:
-        with self._lock: self._mirror_pending.add(step)
-        self._mirror_futs = [f for f in self._mirror_futs if not f.done()] + [self._mirror.submit(self._mirror_one, step, final)]
-CheckpointManager._write = _write
-
-def _rotate(self:CheckpointManager, root:Path, protect:set, where:str):
-    "Delete the checkpoints in `root` that `rotation_plan` does not keep; an I/O error is logged, never raised."
-    valid = {s: p for s, p in self._scan(root) if verify_checkpoint(p, full=False) is None}
-    for s in rotation_plan(valid, self.cfg.keep_last, self.cfg.keep_every, protect):
-        try: _remove_dir(valid[s])
-        except OSError as e:
-            _log.warning("could not delete old checkpoint %s: %s", valid[s], e); continue
-        self._event(event='rotated', step=s, location=where)
-CheckpointManager._rotate = _rotate
-
-def _scan(self:CheckpointManager, root:Path|None)->list[tuple[int, Path]]:
-    "`(step, path)` of every `step_########` directory in `root`, oldest first."
-    if root is None or not root.is_dir(): return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir())
-CheckpointManager._scan = _scan
-
-# %% ../nbs/04_checkpoint.ipynb #c031
-def _mirror_one(self:CheckpointManager, step:int, src:Path):
-    "Copy checkpoint `src` to the mirror with retries, then rotate the mirror; failures become events."
-    try:
-        if verify_checkpoint(src, full=False) is not None:
-            self._event(event='mirror_skipped', step=step, reason=f"{src} is gone or incomplete"); return
-        t0, err = time.monotonic(), None
-        for attempt in range(1, self.mirror_retries + 1):
-            try:
-                self.mirror_dir.mkdir(parents=True, exist_ok=True)
-                for p in self.mirror_dir.glob('.tmp-*'):
-                    if _is_stale(p): shutil.rmtree(p, ignore_errors=True)
-                dst = copy_checkpoint(src, self.mirror_dir, self._verified)
-            except OSError as e:
-                err = f"{type(e).__name__}: {e}"
-                delay = self.mirror_backoff_s * 2**(attempt-1) if attempt < self.mirror_retries else None
-                _log.warning("mirror copy of step %d failed (attempt %d/%d): %s", step, attempt, self.mirror_retries, err)
-                self._event(event='mirror_error', step=step, attempt=attempt, error=err, retry_in_s=delay)
-                if delay is not None: time.sleep(delay)
-                continue
-            self._event(event='mirrored', step=step, path=str(dst), attempts=attempt, seconds=round(time.monotonic()-t0, 3))
-            self._rotate(self.mirror_dir, {step}, 'mirror')
-            return
-        _log.warning("giving up mirroring step %d after %d attempts; training continues", step, self.mirror_retries)
-        self._event(event='mirror_failed', step=step, attempts=self.mirror_retries, error=err)
-    finally:
-        with self._lock: self._mirror_pending.discard(step)
-CheckpointManager._mirror_one = _mirror_one
-
-# %% ../nbs/04_checkpoint.ipynb #c033
-def _join(self:CheckpointManager):
-    "Wait for the save in flight (if any) without raising its error."
-    if self._future is not None: cf.wait([self._future])
-
-def _wait(self:CheckpointManager):
-    "Block until the save in flight is complete on local disk; re-raise its error if it failed."
-    f, self._future = self._future, None
-    if f is not None: f.result()
-
-def _wait_for_mirror(self:CheckpointManager, timeout:float|None=None)->bool:
-    "Wait for the local save and every queued mirror copy; False if `timeout` seconds passed first."
-    self.wait()
-    done, pending = cf.wait(list(self._mirror_futs), timeout=timeout)
-    return not pending
-
-def _close(self:CheckpointManager):
-    "Finish all queued work, stop the background threads and release the snapshot buffers."
-    self.wait_for_mirror()
-    self._writer.shutdown(); self._mirror.shutdown()
-    self._pool = {}
-
-CheckpointManager._join, CheckpointManager.wait, CheckpointManager.wait_for_mirror = _join, _wait, _wait_for_mirror
-CheckpointManager.close = _close
-
-# %% ../nbs/04_checkpoint.ipynb #c034
-def _candidates(self:CheckpointManager)->list[tuple[int, Path, str]]:
-    "Every checkpoint directory, local and mirror, newest first (local before mirror for the same step)."
-    c = [(s, p, 'local') for s, p in self._scan(self.dir)] + [(s, p, 'mirror') for s, p in self._scan(self.mirror_dir)]
-    return sorted(c, key=lambda x: (-x[0], x[2] != 'local'))
-
-def _latest_valid(self:CheckpointManager)->Path|None:
-    "The newest fully verified checkpoint, local or mirror; invalid ones are skipped with a warning saying why."
-    self._join()
-    if self.dir.is_dir():
+        self.dir.mkdir(parents=True, exist_ok=True)
+        uniq, tied = dedupe_tied(model_state)
+        self.check_space(max(self._last_bytes, _tensor_bytes(uniq) + _tensor_bytes(state)))  # before any byte is written
+        pool, new_pool, pin = self._pool, {}, self.reuse_buffers
+        msnap, _ = snapshot(uniq, 'model_state', pool, new_pool, pin)
+        ssnap, _ = snapshot(state, 'state', pool, new_pool, pin)
+        self._pool = new_pool if self.reuse_buffers else {}
         for p in self.dir.glob('.tmp-*'):
-            if _is_stale(p): warnings.warn(f"ignoring {p}: left by an interrupted save (the next save removes it)", stacklevel=2)
-    for s, p, where in self._candidates():
-        reason = verify_checkpoint(p, full=True, cache=self._verified)
-        if reason is None: return p
-        warnings.warn(f"skipping checkpoint {p}: {reason}", stacklevel=2)
-    return None
-
-def _list(self:CheckpointManager, verify:bool=False)->list[dict]:
-    "Valid checkpoints `{'step', 'path', 'location'}`, oldest first (sizes checked; checksums too if `verify`)."
-    self._join()
-    return [{'step': s, 'path': p, 'location': w} for s, p, w in reversed(self._candidates())
-            if verify_checkpoint(p, full=verify, cache=self._verified) is None]
-
-def _load(self:CheckpointManager, path:str|Path)->tuple[dict, dict, str|None]:
-    "`(model_state, state, config_yaml)` after verifying `path`; a mirror-only checkpoint is first copied back locally."
-    path = Path(path)
-    if reason := verify_checkpoint(path, full=True, cache=self._verified): raise CheckpointError(f"{path}: {reason}")
-    if self.mirror_dir and self.rank == 0 and path.parent.resolve() == self.mirror_dir.resolve():
-        local = self.dir/path.name
-        if verify_checkpoint(local, full=True, cache=self._verified) is not None:
-            try: path = copy_checkpoint(path, self.dir, self._verified)
-            except OSError as e: warnings.warn(f"could not copy {path} back to {self.dir} ({e}); loading from the mirror")
-            else: self._event(event='restored_from_mirror', step=int(_STEP_RE.match(path.name).group(1)), path=str(path))
-        else: path = local
-    return load_checkpoint(path, verify=True, cache=self._verified)
-
-CheckpointManager._candidates, CheckpointManager.latest_valid, CheckpointManager.list = _candidates, _latest_valid, _list
-CheckpointManager.load = _load
-
-# %% ../nbs/04_checkpoint.ipynb #c040
-class GracefulInterrupt:
-    "Context manager turning SIGINT/SIGTERM into `.requested`, checked by the training loop between steps."
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
-        self.signals, self.requested, self.signum, self.installed, self._old = tuple(signals), False, None, False, {}
-    def _handler(self, signum, frame):
-        if self.requested and signum == signal.SIGINT: raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.requested, self.signum = True, signum
-        _log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread(): return self
+            if _is_stale(p): shutil.rmtree(p, ignore_errors=True)
+        tmp = self.dir/_tmp_name(final.name)
+        tmp.mkdir()
+        need = _tensor_bytes(msnap) + _tensor_bytes(ssnap)
         try:
-            for s in self.signals: self._old[s] = signal.signal(s, self._handler)
-        except ValueError: self._restore(); return self  # not the main interpreter
-        self.installed = True
-        return self
-    def _restore(self):
-        for s, h in self._old.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
-        self._old, self.installed = {}, False
-    def __exit__(self, *exc): self._restore()
+            if config_yaml is not None: (tmp/'config.yaml').write_text(config_yaml)
+            if tokenizer is not None: tokenizer.save_pretrained(str(tmp/'tokenizer'))
+            if tokenizer_dir is not None: shutil.copytree(tokenizer_dir, tmp/'tokenizer')
+            need = max(self._last_bytes, need + _dir_bytes(tmp))
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception): raise self._failed(step, e, need) from e
+            raise
+        job = partial(self._write, step, tmp, final, msnap, tied, list(model_state), ssnap, time.monotonic() - t0, manifest_extra, need)
+        if self.async_save and not block: self._future = self._writer.submit(job)
+        else: job()
+        return final
 
-# %% ../nbs/04_checkpoint.ipynb #c043
-SAFE_RESUME_CHANGES = ('train.max_steps', 'train.max_tokens', 'train.eval_every', 'train.eval_batches', 'train.compile',
-    'train.activation_checkpointing', 'model.attn_backend', 'model.loss_chunk_size', 'model.preset', 'data.num_workers',
-    'data.cache_dir', 'run.name', 'run.run_dir', 'run.device', 'logging.*', 'checkpoint.*', 'cost.*', 'stability.*')
-_NOTES = dict.fromkeys(['train.max_steps', 'train.max_tokens'], ' (the WSD decay start moves with it)')
+    def _write(self, step, tmp:Path, final:Path, msnap, tied, keys, ssnap, stall:float, extra:dict|None=None, need:int=0):
+        "The background half of `save`: serialise, fsync, hash, manifest, rename; then rotate and queue the mirror copy."
+        t1 = time.monotonic()
+        try:
+            save_model_state(tmp/'model.safetensors', msnap, tied, keys)
+            torch.save(ssnap, tmp/'state.pt')
+            man = write_manifest(tmp, step, {'tied': tied, **(extra or {})})
+            _publish(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception): raise self._failed(step, e, need) from e
+            raise
+        self._verified[str(final)] = _signature(final, man)   # just hashed: no need to re-hash for a resume in this process
+        self._last_bytes = sum(f['size'] for f in man['files'].values())
+        self._event(event='checkpoint_written', step=step, path=str(final), bytes=self._last_bytes,
+                    stall_s=round(stall, 3), write_s=round(time.monotonic() - t1, 3))
+        with self._lock: protect = {step, *self._mirror_pending}
+        self._rotate(self.dir, protect, 'local')
+        if self.mirror_dir:
+            with self._lock: self._mirror_pending.add(step)
+            self._mirror_futs = [f for f in self._mirror_futs if not f.done()] + [self._mirror.submit(self._mirror_one, step, final)]
 
-def _flatten(x, prefix:str='')->dict:
-    "Dotted keys of nested dicts; lists of dicts get `[i]` indices, other lists stay whole."
-    if isinstance(x, dict) and x:
-        return {k2: v2 for k, v in x.items() for k2, v2 in _flatten(v, f"{prefix}.{k}" if prefix else str(k)).items()}
-    if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
-        return {k2: v2 for i, v in enumerate(x) for k2, v2 in _flatten(v, f"{prefix}[{i}]").items()}
-    return {prefix: x}
+    # -- rotation and the mirror -------------------------------------------------------------------------------------
+    def _rotate(self, root:Path, protect:set, where:str):
+        "Delete the valid checkpoints in `root` that `rotation_plan` does not keep; an I/O error is logged, never raised."
+        valid = {s: p for s, p in self._scan(root) if verify_checkpoint(p, full=False) is None}
+        for s in rotation_plan(valid, self.cfg.keep_last, self.cfg.keep_every, protect):
+            try: _remove_dir(valid[s])
+            except OSError as e:
+                _log.warning("could not delete old checkpoint %s: %s", valid[s], e); continue
+            self._event(event='rotated', step=s, location=where)
 
-def check_resume_compat(saved_cfg:dict, # `Config.to_dict()` stored with the checkpoint
-                        new_cfg:dict,   # `Config.to_dict()` of the run about to resume
-                        force:bool=False, # resume despite unsafe changes (they come back as warnings)
-                       )->list[str]:
-    "Describe the config changes since the checkpoint; raise `ConfigError` naming unsafe ones unless `force`."
-    a, b, _missing = _flatten(saved_cfg), _flatten(new_cfg), object()
-    safe, unsafe = [], []
-    for k in sorted(set(a) | set(b)):
-        old, new = a.get(k, _missing), b.get(k, _missing)
-        if old == new: continue
-        fmt = lambda v: '(absent)' if v is _missing else repr(v)
-        desc = f"{k}: {fmt(old)} -> {fmt(new)}"
-        if any(fnmatch.fnmatchcase(re.sub(r'\[\d+\]', '', k), pat) for pat in SAFE_RESUME_CHANGES):
-            safe.append(desc + _NOTES.get(k, ''))
-        else: unsafe.append((k, desc))
-    if unsafe and not force:
-        raise ConfigError(f"{', '.join(k for k, _ in unsafe)}: changed since the checkpoint ({'; '.join(d for _, d in unsafe)}); "
-                          "resuming would silently change the run -- use a new run directory, or force the resume")
-    return safe + [f"UNSAFE (forced) {d}" for _, d in unsafe]
+    def _scan(self, root:Path|None)->list[tuple[int, Path]]:
+        "`(step, path)` of every `step_########` directory in `root`, oldest first."
+        if root is None or not root.is_dir(): return []
+        return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir())
+
+    def _mirror_one(self, step:int, src:Path):
+        "Copy checkpoint `src` to the mirror with retries, then rotate the mirror; failures warn and become events."
+        try:
+            if verify_checkpoint(src, full=False) is not None:
+                self._event(event='mirror_skipped', step=step, reason=f"{src} is gone or incomplete"); return
+            t0, err = time.monotonic(), None
+            for attempt in range(1, self.mirror_retries + 1):
+                try:
+                    self.mirror_dir.mkdir(parents=True, exist_ok=True)
+                    for p in self.mirror_dir.glob('.tmp-*'):
+                        if _is_stale(p): shutil.rmtree(p, ignore_errors=True)
+                    dst = copy_checkpoint(src, self.mirror_dir, self._verified)
+                except OSError as e:
+                    err = f"{type(e).__name__}: {e}" + (" (the mirror is full or over quota)" if _is_no_space(e) else '')
+                    delay = self.mirror_backoff_s * 2**(attempt-1) if attempt < self.mirror_retries else None
+                    _log.warning("mirror copy of step %d failed (attempt %d/%d): %s", step, attempt, self.mirror_retries, err)
+                    self._event(event='mirror_error', step=step, attempt=attempt, error=err, retry_in_s=delay)
+                    if delay is not None: time.sleep(delay)
+                    continue
+                self._event(event='mirrored', step=step, path=str(dst), attempts=attempt, seconds=round(time.monotonic()-t0, 3))
+                self._rotate(self.mirror_dir, {step}, 'mirror')
+                return
+            _log.warning("giving up mirroring step %d after %d attempts; training continues", step, self.mirror_retries)
+            self._event(event='mirror_failed', step=step, attempts=self.mirror_retries, error=err)
+        finally:
+            with self._lock: self._mirror_pending.discard(step)
+
+    # -- waiting -------------------------------------------------------------------------------------------------------
+    def _join(self):
+        "Wait for the save in flight (if any) without raising its error."
+        if self._future is not None: cf.wait([self._future])
+
+    def wait(self):
+        "Block until the save in flight is complete on local disk; re-raise its error if it failed."
+        f, self._future = self._future, None
+        if f is not None: f.result()
+
+    def wait_for_mirror(self, timeout:float|None=None)->bool:
+        "Wait for the local save and every queued mirror copy; False if `timeout` seconds passed first."
+        self.wait()
+        done, pending = cf.wait(list(self._mirror_futs), timeout=timeout)
+        return not pending
+
+    def close(self):
+        "Finish all queued work, stop the background threads and release the snapshot buffers."
+        self.wait_for_mirror()
+        self._writer.shutdown(); self._mirror.shutdown()
+        self._pool = {}
+
+    # -- finding, listing, loading -------------------------------------------------------------------------------------
+    def _candidates(self)->list[tuple[int, Path, str]]:
+        "Every checkpoint directory, local and mirror, newest first (local before mirror for the same step)."
+        c = [(s, p, 'local') for s, p in self._scan(self.dir)] + [(s, p, 'mirror') for s, p in self._scan(self.mirror_dir)]
+        return sorted(c, key=lambda x: (-x[0], x[2] != 'local'))
+
+    def latest_valid(self)->Path|None:
+        "The newest fully verified checkpoint, local or mirror; the invalid ones skipped on the way go to `self.invalid`."
+        self._join()
+        if self.dir.is_dir():
+            for p in self.dir.glob('.tmp-*'):
+                if _is_stale(p): warnings.warn(f"ignoring {p}: left by an interrupted save (the next save removes it)", stacklevel=2)
+        self.invalid = []
+        for s, p, where in self._candidates():
+            reason = verify_checkpoint(p, full=True, cache=self._verified)
+            if reason is None: return p
+            self.invalid.append((p, reason))
+            warnings.warn(f"skipping checkpoint {p}: {reason}", stacklevel=2)
+        return None
+
+    def quarantine_invalid(self)->list[tuple[Path, Path]]:
+        "Rename the invalid checkpoints found by `latest_valid()` aside (rank 0); `(old, new)` paths."
+        moved = []
+        if self.rank != 0: return moved
+        for p, reason in self.invalid:
+            if not p.is_dir(): continue
+            try: dst = quarantine(p, reason)
+            except OSError as e: _log.warning("could not rename invalid checkpoint %s aside: %s", p, e); continue
+            moved.append((p, dst))
+            self._event(event='quarantined', step=int(_STEP_RE.match(p.name).group(1)), path=str(dst), reason=reason)
+        self.invalid = []
+        return moved
+
+    def list(self, verify:bool=False)->list[dict]:
+        "Valid checkpoints `{'step', 'path', 'location'}`, oldest first (sizes checked; checksums too if `verify`)."
+        self._join()
+        return [{'step': s, 'path': p, 'location': w} for s, p, w in reversed(self._candidates())
+                if verify_checkpoint(p, full=verify, cache=self._verified) is None]
+
+    def load(self, path:str|Path)->tuple[dict, dict, str|None]:
+        "`(model_state, state, config_yaml)` after verifying `path`; a mirror-only checkpoint is first copied back locally."
+        path = Path(path)
+        if reason := verify_checkpoint(path, full=True, cache=self._verified): raise CheckpointError(f"{path}: {reason}")
+        if self.mirror_dir and self.rank == 0 and path.parent.resolve() == self.mirror_dir.resolve():
+            local = self.dir/path.name
+            if verify_checkpoint(local, full=True, cache=self._verified) is not None:
+                try: path = copy_checkpoint(path, self.dir, self._verified)
+                except OSError as e: warnings.warn(f"could not copy {path} back to {self.dir} ({e}); loading from the mirror")
+                else: self._event(event='restored_from_mirror', step=int(_STEP_RE.match(path.name).group(1)), path=str(path))
+            else: path = local
+        return load_checkpoint(path, verify=True, cache=self._verified)

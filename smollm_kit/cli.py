@@ -27,12 +27,14 @@ TOOLS = {
     'eval':     ('smollm_kit.eval', 'add_eval_args', 'eval_main', "evaluate a model on lm-evaluation-harness tasks"),
     'report':   ('smollm_kit.report', 'add_report_args', 'report_main', "write the markdown report card of a run or pipeline"),
     'tokenizer':('smollm_kit.cli', 'add_tokenizer_command', 'smollm_kit.tokenizer:tokenizer_main', "tokenizer tools (train a BPE on local files)"),
+    'config':   ('smollm_kit.config', 'add_config_command', 'config_main', "show a preset's resolved config, every key documented"),
 }
 
 def add_tokenizer_command(p:argparse.ArgumentParser):
     "`smollm tokenizer train ...`: the arguments are the tokenizer module's own."
     from smollm_kit.tokenizer import add_tokenizer_args
-    add_tokenizer_args(p.add_subparsers(dest='tok_command', required=True).add_parser('train', help="train a byte-level BPE tokenizer on local text files"))
+    add_tokenizer_args(p.add_subparsers(dest='tok_command', required=True).add_parser('train', help="train a byte-level BPE tokenizer on local text files",
+                                                                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
 def add_config_args(p:argparse.ArgumentParser, default:str='tiny')->argparse.ArgumentParser:
     "The config arguments every training command takes."
@@ -83,10 +85,12 @@ def load_cli_config(args, stage:str|None=None):
     return cfg
 
 def run_stage(stage:str, args)->int:
-    "Run one training stage from parsed arguments; exit code 130 when interrupted (after saving)."
+    "Run one training stage from parsed arguments; exit code 128 + signal (130, 143) when interrupted (after saving)."
+    cfg = load_cli_config(args, stage)
+    from smollm_kit.rundir import check_run_dir
+    check_run_dir(cfg.run_dir)      # a file, read-only, in use by another run: one line, before any data is loaded
     fn = getattr(importlib.import_module(f'smollm_kit.{stage}'), stage)
-    res = fn(load_cli_config(args, stage), resume=args.resume, force=args.force)
-    return 130 if res.interrupted else 0
+    return fn(cfg, resume=args.resume, force=args.force).exit_code
 
 
 # %% ../nbs/15_cli.ipynb #c009
@@ -95,9 +99,14 @@ def is_user_error(e:BaseException)->bool:
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)): return True
     return isinstance(e, ValueError) and any(c.__module__.startswith('smollm_kit') for c in type(e).__mro__)
 
+def _one_line_warning(message, category, filename, lineno, line=None)->str:
+    return f"smollm: warning: {message}\n"
+
 def main(argv:list[str]|None=None)->int:
     "Run the `smollm` command line; returns the exit code."
     args = build_parser().parse_args(argv)
+    import warnings
+    fmt, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         if args.command in STAGES: return run_stage(args.command, args)
         if getattr(args, 'unavailable', None): raise ConfigError(args.unavailable)
@@ -109,6 +118,7 @@ def main(argv:list[str]|None=None)->int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"smollm {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally: warnings.formatwarning = fmt
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # `python -m smollm_kit.cli` (torchrun), not the notebook
 

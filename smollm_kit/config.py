@@ -17,7 +17,8 @@ __all__ = ['MODEL_PRESETS', 'PRESET_DIR', 'patch_to', 'ConfigError', 'RunConfig'
            'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'LoggingConfig',
            'CostConfig', 'StabilityConfig', 'SFTConfig', 'validate_sft', 'DPOConfig', 'validate_dpo', 'RLVRConfig',
            'validate_rlvr', 'Config', 'from_dict', 'validate_data', 'validate', 'list_presets', 'parse_override',
-           'read_yaml', 'load_config', 'save_config']
+           'read_yaml', 'load_config', 'save_config', 'field_docs', 'describe_config', 'add_config_command',
+           'config_main']
 
 # %% ../nbs/00_config.ipynb #c005
 def patch_to(cls):
@@ -135,6 +136,8 @@ class TrainConfig:
     precision:Literal['auto','bf16','fp16','fp32']='auto' # auto: bf16 on sm80+, fp16+GradScaler on older CUDA, fp32 on CPU
     compile:bool=False            # torch.compile the model
     activation_checkpointing:bool=False # recompute block activations in backward to save memory
+    parallel:Literal['auto','ddp','fsdp']='auto' # several processes (torchrun): auto = ddp (a replica per rank); fsdp shards weights, grads, optimizer state
+    parallel:Literal['auto','ddp','fsdp']='auto' # several processes (torchrun): auto = ddp (a replica per rank); fsdp shards weights, grads, optimizer state
 
     def tokens_per_step(self, world_size:int=1)->int:
         "Tokens consumed by one optimizer step."
@@ -249,6 +252,7 @@ class RLVRConfig:
     split:str='train'             # training split
     val_split:Optional[str]=None  # held-out split; None: hold out `val_examples` prompts from the training split
     val_examples:int=64           # held-out prompts
+    demo_max_operand:Optional[int]=20 # 'demo': sums/differences of numbers 1..N (None: the SFT demo mix, numbers up to 999)
     prompt_field:str='prompt'     # column with the question ('question' is used when this one is missing, as in GSM8K)
     answer_field:str='answer'     # column with the reference answer (GSM8K style '... #### 42' is understood)
     system_prompt:Optional[str]=None # system message put before every prompt (None: none)
@@ -295,6 +299,7 @@ def validate_rlvr(cfg:'Config'):
     _check(r.sync_every >= 1, "rlvr.sync_every", f"must be >= 1, got {r.sync_every}")
     _check(r.eval_batch_prompts >= 1, "rlvr.eval_batch_prompts", f"must be >= 1, got {r.eval_batch_prompts}")
     _check(r.val_examples >= 0, "rlvr.val_examples", f"must be >= 0, got {r.val_examples}")
+    _check(r.demo_max_operand is None or r.demo_max_operand >= 1, "rlvr.demo_max_operand", f"must be >= 1 or null, got {r.demo_max_operand}")
     _check(r.samples_every >= 0 and r.samples_count >= 0, "rlvr.samples_every", "samples_every and samples_count must be >= 0")
     _check(r.verifier_timeout is None or r.verifier_timeout > 0, "rlvr.verifier_timeout", f"must be positive or null, got {r.verifier_timeout}")
     seqs = t.micro_batch_size * t.grad_accum_steps
@@ -351,6 +356,10 @@ def _coerce(value, tp, where:str):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool): return value
         if isinstance(value, float) and value.is_integer(): return int(value)
+        if isinstance(value, str):   # YAML 1.1 reads `1e3` (no dot) as a string; an integral number is still an int
+            try: f = float(value.replace('_', ''))
+            except ValueError: f = None
+            if f is not None and math.isfinite(f) and f.is_integer(): return int(f)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
@@ -442,6 +451,10 @@ def validate(cfg:Config)->Config:
     st = cfg.stability
     _check(st.window >= 2, "stability.window", f"must be >= 2, got {st.window}")
     _check(st.loss_z > 0 and st.grad_norm_z > 0, "stability.loss_z", "z thresholds must be positive")
+    if cfg.logging.wandb:
+        import importlib.util
+        _check(importlib.util.find_spec('wandb') is not None, "logging.wandb",
+               "W&B logging needs the wandb package: pip install 'smollm_kit[wandb]' (or set logging.wandb=false)")
     if cfg.run.stage == 'pretrain': validate_data(cfg)
     else: {'sft': validate_sft, 'dpo': validate_dpo, 'rlvr': validate_rlvr}[cfg.run.stage](cfg)
     return cfg
@@ -470,7 +483,10 @@ def _set_dotted(d:dict, key:str, value, cls=Config):
         if i == len(parts) - 1: node[p] = value; return
         cls = typing.get_type_hints(cls)[p]
         if not dataclasses.is_dataclass(cls): raise ConfigError(f"{where}: is not a section, cannot set {key}")
-        node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
+        if p in node and node[p] is not None and not isinstance(node[p], dict):
+            raise ConfigError(f"{where}: expected a mapping (a section of fields), got {node[p]!r}")
+        if node.get(p) is None: node[p] = {}
+        node = node[p]
 
 # %% ../nbs/00_config.ipynb #c025
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -533,3 +549,39 @@ def save_config(cfg:Config, path:str|Path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+
+# %% ../nbs/00_config.ipynb #k101
+def field_docs(cls)->dict[str, str]:
+    "The `# comment` after each field of dataclass `cls`, read from its source (empty where there is none)."
+    import inspect, re
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError): return {}
+    out = {}
+    for line in src.splitlines():
+        if m := re.match(r'\s+(\w+)\s*:[^#]*?#\s*(.*)$', line): out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+def describe_config(cfg:Config)->str:
+    "`cfg` as YAML, every field followed by its documentation comment."
+    lines = []
+    for sec in fields(cfg):
+        obj = getattr(cfg, sec.name)
+        lines.append(f"{sec.name}:")
+        docs = field_docs(type(obj))
+        for f in fields(obj):
+            v = yaml.safe_dump(asdict(obj)[f.name], default_flow_style=True, width=10**6).strip()
+            v = v[:-4].strip() if v.endswith('\n...') or v.endswith(' ...') else v.removesuffix('...').strip()
+            doc = docs.get(f.name, '')
+            lines.append(f"  {f.name}: {v}" + (f"  # {doc}" if doc else ''))
+    return '\n'.join(lines) + '\n'
+
+def add_config_command(p):
+    "`smollm config show <preset> [--set ...]`."
+    sub = p.add_subparsers(dest='config_command', required=True)
+    s = sub.add_parser('show', help="print the resolved config of a preset or YAML file, every key documented")
+    s.add_argument('config', nargs='?', default='tiny', help="preset name or YAML path")
+    s.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help="override a field (repeatable)")
+
+def config_main(args)->int:
+    print(describe_config(load_config(args.config, args.overrides)), end='')
+    return 0

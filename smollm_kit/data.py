@@ -294,7 +294,7 @@ class Feeder:
         self.pool = self.thread = self.error = None
         if num_workers:
             self.pool = cf.ProcessPoolExecutor(num_workers, mp_context=_mp_context(), initializer=_init_worker,
-                                               initargs=(tk.to_str(), bos, eos))
+                                               initargs=(tk.to_str(), bos, eos, os.getpid()))
             self.depth, self.cond, self.stopping = 2*num_workers + 2, threading.Condition(), False
             self.pending = {d: collections.deque() for d in active}
             self._start()

@@ -108,31 +108,46 @@ def normalize_pair(rec:dict, # one dataset record, in any of the three formats a
     return p, c, r
 
 # %% ../nbs/09_dpo.ipynb #c015
-def _demo_question(r:random.Random)->tuple[str, int, str]:
-    "A random arithmetic question, its answer, and the worked step."
-    k = r.randrange(3)
-    if k == 0: a, b = r.randint(2, 99), r.randint(2, 99); return f"What is {a} + {b}?", a + b, f"{a} + {b} = {a+b}"
-    if k == 1: a, b = sorted((r.randint(2, 99), r.randint(2, 99)), reverse=True); return f"What is {a} - {b}?", a - b, f"{a} - {b} = {a-b}"
-    a, b = r.randint(2, 12), r.randint(2, 12); return f"What is {a} × {b}?", a * b, f"{a} × {b} = {a*b}"
+_WORDS = ('the cat dog sun moon tree river stone bird fish red blue green small big quick slow happy old new '
+          'house road book song light rain wind snow star cloud apple bread milk hill lake').split()
+
+def _arith_pair(r:random.Random)->tuple[str, str, str, str]:
+    "(prompt, chosen, rejected, kind) for an arithmetic question in the SFT demo's format."
+    op = r.choice('+-×')
+    a, b = (r.randint(2, 99), r.randint(2, 99)) if r.random() < 0.7 else (r.randint(100, 999), r.randint(2, 999))
+    if op == '-' and b > a: a, b = b, a
+    if op == '×': b = r.randint(2, 12)
+    c, expr = (a + b if op == '+' else a - b if op == '-' else a * b), f"{a} {op} {b}"
+    q = r.choice([f"What is {expr}?", f"Compute {expr}.", f"Please calculate {expr}."])
+    good = f"{expr} = {c}. The answer is {c}."
+    if r.random() < 0.5:
+        w = c + r.choice([-10, -3, -2, -1, 1, 2, 3, 10])
+        return q, good, f"{expr} = {w}. The answer is {w}.", 'wrong'
+    return q, good, r.choice([f"{c}", f"It is {c}, I think. Numbers are fun!", f"{expr}? Let me see... maybe {c}"]), 'off_format'
+
+def _words_pair(r:random.Random)->tuple[str, str, str, str]:
+    "(prompt, chosen, rejected, kind) for the SFT demo's uppercase / count tasks."
+    ws = [r.choice(_WORDS) for _ in range(r.randint(3, 6))]
+    words, wrong = ' '.join(ws), r.random() < 0.5
+    if r.random() < 0.5:
+        drop = r.randrange(len(ws))
+        bad = ' '.join(w for i, w in enumerate(ws) if i != drop).upper() if wrong else words
+        return f"Reply in uppercase: {words}", words.upper(), bad, 'wrong' if wrong else 'off_format'
+    n = len(ws)
+    bad = str(n + r.choice([-1, 1, 2])) if wrong else f"There are {n} words."
+    return f"How many words are in: {words}? Reply with a number only.", str(n), bad, 'wrong' if wrong else 'off_format'
 
 def demo_pair(r:random.Random)->dict:
-    "One demo preference record (explicit-prompt message format) with its `kind`."
-    q, ans, step = _demo_question(r)
-    good = f"{step}. The answer is {ans}."
-    if r.random() < 0.5:
-        wrong = ans + r.choice([-3, -2, -1, 1, 2, 3, 10, -10])
-        bad, kind = f"{step.rsplit('=', 1)[0]}= {wrong}. The answer is {wrong}.", 'wrong_answer'
-    else:
-        bad, kind = r.choice([f"{ans}", f"The answer might be {ans}, or maybe not, it is hard to say.",
-                               f"Let me think about it. Numbers are fun. {ans}"]), 'off_format'
+    "One demo preference record (explicit-prompt message format) with its `kind` ('wrong' or 'off_format')."
+    q, good, bad, kind = (_arith_pair if r.random() < 0.6 else _words_pair)(r)
     return {'prompt': [{'role': 'user', 'content': q}], 'chosen': [{'role': 'assistant', 'content': good}],
             'rejected': [{'role': 'assistant', 'content': bad}], 'kind': kind}
 
 def demo_preferences(n_train:int=2000, # training pairs
-                     n_val:int=64,     # held-out pairs (questions never seen in training)
+                     n_val:int=64,     # held-out pairs (prompts never seen in training)
                      seed:int=0,
                     )->tuple[list[dict], list[dict]]:
-    "The offline demo preference set: `(train, val)` records; no val question occurs in train."
+    "The offline demo preference set: `(train, val)` records; no held-out prompt occurs in train."
     r = random.Random(f'dpo-demo-val-{seed}')
     val = [demo_pair(r) for _ in range(n_val)]
     seen, train, r = {v['prompt'][0]['content'] for v in val}, [], random.Random(f'dpo-demo-train-{seed}')
@@ -256,7 +271,7 @@ def pack_pairs(pairs:list[Pair], # all pairs of the split
     real = int((seq >= 0).sum() + sum(2 * (len(pairs[k].prompt) - 1) for k in taken))
     t = lambda a: torch.from_numpy(a)
     return dict(input_ids=t(ids), targets=t(tgt), doc_ids=t(doc), seq_ids=t(seq), pair_idx=torch.tensor(taken, dtype=torch.long),
-                lengths=torch.tensor(lens, dtype=torch.float32).view(-1, 2), n_tokens=torch.tensor(real)), i
+                lengths=torch.tensor(lens, dtype=torch.float32).view(-1, 2), n_tokens=real), i
 
 # %% ../nbs/09_dpo.ipynb #c025
 def sequence_logps(model:nn.Module, # a `SmolLM` (or anything with `token_logprobs`)
@@ -319,7 +334,7 @@ def _shard_logps(model, pairs, lo:int, hi:int, seq_len:int, rows:int, device)->t
     c, r, pos, order = torch.zeros(hi - lo), torch.zeros(hi - lo), 0, list(range(lo, hi))
     while pos < len(order):
         b, pos = pack_pairs(pairs, order, pos, seq_len, rows)
-        pc, pr = sequence_logps(model, {k: v.to(device) for k, v in b.items()})
+        pc, pr = sequence_logps(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
         c[b['pair_idx'] - lo], r[b['pair_idx'] - lo] = pc.float().cpu(), pr.float().cpu()
     return c, r
 
@@ -373,6 +388,7 @@ class DPOStage(Stage):
         self.cfg, self.dc, self.rank, self.world_size = cfg, cfg.dpo, rank, world_size
         self.seq_len, self.rows = cfg.train.seq_len, cfg.train.micro_batch_size
         self.tokenizer = ensure_chat_format(tokenizer, model)
+        cfg.model.vocab_size = model.cfg.vocab_size        # the saved config must describe the (maybe grown) model
         train, val = load_preference_records(self.dc, cfg.run.seed)
         if self.dc.max_pairs: train = train[:self.dc.max_pairs]
         where, L = ('demo' if self.dc.dataset == 'demo' else f'dpo.dataset {self.dc.dataset}'), self.dc.max_length or self.seq_len // 2
@@ -381,6 +397,8 @@ class DPOStage(Stage):
         self.ref_digest = weights_digest(model)           # the starting weights are the reference
         self.ref_model = copy.deepcopy(model).eval() if self.dc.reference == 'model' else None
         self.epoch, self.pos, self._order, self.ref = 0, 0, None, {}
+        print(f"dpo data: {len(self.pairs):,} training pairs ({self.report['bad']} bad records skipped), {len(self.val_pairs)} "
+              f"held out; {self.dc.loss_type} loss, beta {self.dc.beta}, reference: {self.dc.reference}", flush=True)
 
     # -- batches -----------------------------------------------------------------------------------------------
     def order(self, epoch:int)->list[int]:
@@ -400,7 +418,7 @@ class DPOStage(Stage):
         if 'train' in self.ref: b['ref_chosen'], b['ref_rejected'] = (t[b['pair_idx']] for t in self.ref['train'])
         return b
 
-    def tokens(self, batch:dict)->int: return int(batch['n_tokens'])
+    def tokens(self, batch:dict)->int: return batch['n_tokens']
 
     def budget_steps(self, train_cfg, world_size:int)->int:
         "Optimizer steps for `train.epochs` passes (micro-batches per epoch counted by packing epoch 0's order)."
@@ -408,11 +426,22 @@ class DPOStage(Stage):
         while pos < len(o): pos = pack_pairs(self.pairs, o, pos, self.seq_len, self.rows)[1]; n += 1
         return math.ceil(train_cfg.epochs * n / (train_cfg.grad_accum_steps * world_size))
 
+    def state_dict(self)->dict:
+        return {'epoch': self.epoch, 'pos': self.pos, 'pairs': pairs_digest(self.pairs), 'ref_digest': self.ref_digest}
+
+    def load_state_dict(self, sd:dict):
+        if sd.get('pairs') != pairs_digest(self.pairs):
+            raise ConfigError("dpo.dataset: the training pairs differ from the checkpoint's (data, chat template, max_length "
+                              "or max_pairs changed); resume with the same data or start a new run directory")
+        self.epoch, self.pos, self._order = sd['epoch'], sd['pos'], None
+        self.ref_digest = sd.get('ref_digest', self.ref_digest)   # the reference is the weights this run started from
+
     # -- reference -----------------------------------------------------------------------------------------------
     def frozen_models(self)->dict:
         return {'ref': (self.ref_model, self.cfg.run.init_from or 'initial weights')} if self.ref_model is not None else {}
 
     def setup(self, ctx:StageContext):
+        ctx.log({'event': 'dpo_data', 'train': self.report, 'val': self.val_report})
         if self.ref_model is not None: self.ref_model = ctx.frozen['ref']; return
         splits = {'train': self.pairs, 'val': self.val_pairs}
         caches = {s: RefLogpCache(Path(ctx.run_dir)/'ref_logps', s, _fingerprint(self.ref_digest, p, self.tokenizer.chat_template,
@@ -421,7 +450,10 @@ class DPOStage(Stage):
             ref, context = ctx.model, ctx.inference
             if ctx.step > 0:                              # resumed after training began: the live weights are not the reference
                 from smollm_kit.export import init_model
-                ref = init_model(self.cfg)[0].to(ctx.device)
+                from smollm_kit.sft import ensure_chat_format
+                ref = init_model(self.cfg)[0]
+                ensure_chat_format(self.tokenizer, ref)   # grown like the policy was
+                ref = ref.to(ctx.device)
                 if weights_digest(ref) != self.ref_digest:
                     raise ConfigError(f"run.init_from: the reference cache in {Path(ctx.run_dir)/'ref_logps'} is incomplete and "
                                       "the starting weights changed since step 0; restore them or use a new run directory")
@@ -454,7 +486,7 @@ class DPOStage(Stage):
         tot, n, pos, order = {}, 0, 0, list(range(len(self.val_pairs)))
         while pos < len(order):
             b, pos = pack_pairs(self.val_pairs, order, pos, self.seq_len, self.rows)
-            losses, m = self._terms(ctx.model, {k: v.to(ctx.device) for k, v in b.items()}, 'val')
+            losses, m = self._terms(ctx.model, {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in b.items()}, 'val')
             for k, v in {'loss': losses.sum(), **m}.items(): tot[k] = tot.get(k, 0.0) + float(v)
             n += len(losses)
         return {f'val/{k}': v / n for k, v in tot.items() if not k.startswith('logps')}

@@ -7,16 +7,16 @@ Docs: https://smollm-kit.github.io/smollm_kit/eval.html.md"""
 
 # %% ../nbs/12_eval.ipynb #e002
 from __future__ import annotations
-import abc, argparse, json, math, os, re, time
+import abc, argparse, inspect, json, math, os, re, time
 from pathlib import Path
 from typing import Callable, Optional
 import torch
 from .config import patch_to
 
 # %% auto #0
-__all__ = ['SUITE', 'BENCHMARKS', 'REFERENCE', 'suite_scores', 'suite_table', 'make_kit_lm', 'KitLM', 'resolve_tasks',
-           'task_manager', 'flatten_results', 'evaluate_model', 'eval_location', 'record_eval', 'periodic_eval',
-           'add_eval_args', 'format_results', 'eval_main']
+__all__ = ['SUITE', 'BENCHMARKS', 'REFERENCE', 'suite_scores', 'suite_table', 'EvalError', 'LMEvalMissing', 'make_kit_lm',
+           'KitLM', 'resolve_tasks', 'task_manager', 'flatten_results', 'evaluate_model', 'eval_location',
+           'record_eval', 'periodic_eval', 'add_eval_args', 'format_results', 'eval_main']
 
 # %% ../nbs/12_eval.ipynb #e005
 SUITE = ['hellaswag', 'arc_easy', 'arc_challenge', 'piqa', 'winogrande', 'openbookqa', 'commonsense_qa',
@@ -67,10 +67,16 @@ def suite_table(metrics:dict,                 # {'eval/<task>/<metric>': value}
     return '\n'.join(lines)
 
 # %% ../nbs/12_eval.ipynb #e010
+class EvalError(ValueError):
+    "An evaluation request that cannot be run as given (unknown task, missing tokenizer, ...); the message says why."
+
+class LMEvalMissing(EvalError, ImportError):
+    "lm-evaluation-harness is not installed."
+
 def _require_lm_eval():
     try: import lm_eval  # noqa: F401
     except ImportError:
-        raise ImportError("evaluation needs lm-evaluation-harness: pip install 'smollm_kit[eval]' (or pip install lm-eval)") from None
+        raise LMEvalMissing("evaluation needs lm-evaluation-harness: pip install 'smollm_kit[eval]' (or pip install lm-eval)") from None
 
 def _chunks(order:list[int], lens:list[int], batch_size:int, max_tokens:Optional[int])->list[list[int]]:
     "Cut `order` (indices sorted longest first) into batches of <= batch_size rows and <= max_tokens padded tokens."
@@ -105,8 +111,8 @@ class KitLM(_TemplateLM):
                 ):
         _require_lm_eval()
         super().__init__()
-        if tokenizer is None: raise ValueError("eval: the model has no tokenizer; lm-eval tasks are text")
-        if batch_size < 1: raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        if tokenizer is None: raise EvalError("eval: the model has no tokenizer; lm-eval tasks are text")
+        if batch_size < 1: raise EvalError(f"batch_size: must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.batch_size, self.max_batch_tokens = model, tokenizer, batch_size, max_batch_tokens
         self.max_length, self.max_gen_toks = max_length or model.cfg.max_seq_len, max_gen_toks
         self.progress, self.seed, self._device = progress, seed, model.device
@@ -129,10 +135,14 @@ class KitLM(_TemplateLM):
 
     def tok_decode(self, ids:list[int])->str: return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def loglikelihood(self, requests, disable_tqdm:bool=False)->list[tuple[float, bool]]:
+        "(log p(continuation | context), is greedy) per (context, continuation) request."
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def apply_chat_template(self, chat_history:list[dict], add_generation_prompt:bool=True)->str:
         "The conversation as the tokenizer's chat template renders it (few-shot examples as earlier turns)."
         if not getattr(self.tokenizer, 'chat_template', None):
-            raise ValueError("apply_chat_template: the tokenizer has no chat template (a base model? drop --apply-chat-template)")
+            raise EvalError("apply_chat_template: the tokenizer has no chat template (a base model? drop --apply-chat-template)")
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 
@@ -148,8 +158,8 @@ def score_pairs(self:KitLM, pairs:list[tuple[list[int], list[int]]], # (context 
     "(log p(continuation | context), continuation == greedy) per pair, batched longest first, in input order."
     inps, ncont = [], []
     for i, (ctx, cont) in enumerate(pairs):
-        if not ctx: raise ValueError(f"score_pairs: pair {i} has an empty context (lm-eval gives BOS)")
-        if len(cont) > self.max_length: raise ValueError(f"score_pairs: a continuation of {len(cont)} tokens exceeds the {self.max_length}-token window")
+        if not ctx: raise EvalError(f"score_pairs: pair {i} has an empty context (lm-eval gives BOS)")
+        if len(cont) > self.max_length: raise EvalError(f"score_pairs: a continuation of {len(cont)} tokens exceeds the {self.max_length}-token window")
         full = (list(ctx) + list(cont))[-(self.max_length + 1):]
         inps.append(full[:-1]); ncont.append(len(cont))
     lens = [len(x) for x in inps]
@@ -236,7 +246,7 @@ def resolve_tasks(tasks:str|list[str], # names, 'smol', comma-separated names, f
     "(task names, folders to add to lm-eval's task index)."
     items = [tasks] if isinstance(tasks, (str, Path)) else list(tasks)
     items = [s.strip() for it in items for s in (str(it).split(',') if not Path(str(it)).exists() else [str(it)]) if s.strip()]
-    if not items: raise ValueError("tasks: no task given; pass lm-eval task names, 'smol' or a folder of task YAMLs")
+    if not items: raise EvalError("tasks: no task given; pass lm-eval task names, 'smol' or a folder of task YAMLs")
     names, paths = [], []
     for it in items:
         p = Path(it)
@@ -244,7 +254,7 @@ def resolve_tasks(tasks:str|list[str], # names, 'smol', comma-separated names, f
         elif p.is_dir() or (p.is_file() and p.suffix in ('.yaml', '.yml')):
             files = sorted(p.rglob('*.y*ml')) if p.is_dir() else [p]
             found = [m.group(1).strip('\'"') for f in files for m in [re.search(r'^task:\s*(\S+)\s*$', f.read_text(), re.M)] if m]
-            if not found: raise ValueError(f"tasks: {p} has no task YAML (a file with a top-level 'task: <name>' line)")
+            if not found: raise EvalError(f"tasks: {p} has no task YAML (a file with a top-level 'task: <name>' line)")
             names += found; paths.append(str(p if p.is_dir() else p.parent))
         else: names.append(it)
     return list(dict.fromkeys(names)), list(dict.fromkeys(paths))
@@ -257,7 +267,7 @@ def task_manager(include_paths:list[str], names:list[str]):
     if local is not None and all(n in local.all_tasks for n in names): return local
     tm = TaskManager(include_path=include_paths or None)
     if (unknown := [n for n in names if n not in tm.all_tasks]):
-        raise ValueError(f"tasks: unknown task {unknown[0]!r}: not an lm-eval task, 'smol', or a folder of task YAMLs")
+        raise EvalError(f"tasks: unknown task {unknown[0]!r}: not an lm-eval task, 'smol', or a folder of task YAMLs")
     return tm
 
 # %% ../nbs/12_eval.ipynb #e027
@@ -274,6 +284,11 @@ def flatten_results(res:dict, # lm-eval's `simple_evaluate` output
         results[task] = r
         flat |= {f'eval/{task}/{k}': float(v) for k, v in r.items() if '_stderr' not in k and k != 'sample_len' and math.isfinite(v)}
     return results, flat
+
+def _data_errors()->tuple:
+    "Exceptions that mean 'the task's data could not be loaded' (offline, missing files), not a bug."
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+    return (ConnectionError, FileNotFoundError, DataFilesNotFoundError, DatasetNotFoundError)
 
 def _pick_device(device:str)->str: return ('cuda' if torch.cuda.is_available() else 'cpu') if device in (None, 'auto') else device
 
@@ -309,14 +324,18 @@ def evaluate_model(path_or_model,                   # run dir, checkpoint dir, H
         if dt is not None: model = model.to(dt)
     else: model, source, step = path_or_model, 'model', None
     if apply_chat_template and not getattr(tokenizer, 'chat_template', None):
-        raise ValueError("apply_chat_template: the tokenizer has no chat template (a base model? drop --apply-chat-template)")
+        raise EvalError("apply_chat_template: the tokenizer has no chat template (a base model? drop --apply-chat-template)")
     lm = KitLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress, seed=seed)
     t0, rng = time.time(), capture_rng()  # lm-eval seeds the global generators; a training run must not notice
-    try: res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-                                  bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                                  apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                  verbosity='ERROR')
+    kw = dict(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm, bootstrap_iters=bootstrap_iters,
+              log_samples=log_samples, apply_chat_template=apply_chat_template, fewshot_as_multiturn=apply_chat_template,
+              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    if 'verbosity' in inspect.signature(lm_eval.simple_evaluate).parameters: kw['verbosity'] = 'ERROR'  # not in every 0.4.x
+    try: res = lm_eval.simple_evaluate(**kw)
+    except _data_errors() as e:
+        raise EvalError(f"tasks: could not load a task's data: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                        "(lm-eval tasks download from the Hugging Face Hub: check the connection and HF_DATASETS_OFFLINE / "
+                        "HF_HUB_OFFLINE, or point --tasks at task YAMLs over local files)") from None
     finally: restore_rng(rng)
     results, flat = flatten_results(res)
     out = dict(source=source, step=step, tasks=names, limit=limit, num_fewshot=num_fewshot,
@@ -412,7 +431,7 @@ def format_results(out:dict)->str:
     lines = []
     for task, r in out['results'].items():
         for k, v in r.items():
-            if '_stderr' in k: continue
+            if '_stderr' in k or k == 'sample_len': continue
             se = r.get(k.replace('/', '_stderr/', 1) if '/' in k else f'{k}_stderr')
             lines.append(f"{task:<28} {k:<30} {v:8.4f}" + (f" ± {se:.4f}" if isinstance(se, (int, float)) else ''))
     return '\n'.join(lines)
@@ -421,7 +440,7 @@ def eval_main(args:argparse.Namespace)->int:
     "Run `smollm eval`: evaluate, print a table (and the suite beside the references), write results; exit code."
     limit = args.limit
     if limit is not None:
-        if limit <= 0: raise ValueError(f"--limit: must be > 0, got {limit}")
+        if limit <= 0: raise EvalError(f"--limit: must be > 0, got {limit}")
         if limit >= 1: limit = int(limit)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     out = evaluate_model(args.model, args.tasks, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,

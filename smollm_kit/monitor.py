@@ -117,6 +117,7 @@ class ThroughputMeter:
 
     def update(self, tokens:int, # tokens processed (all ranks) since the last update
                seconds:Optional[float]=None, # time they took; default the wall time since the last update/reset
+               flops:Optional[float]=None,   # FLOPs they took, when a stage counts its own (reference forwards, rollouts)
               )->dict:
         "Record a step; return `perf/tokens_per_sec` and `perf/mfu` (empty until a duration is known)."
         now = time.perf_counter()
@@ -124,10 +125,10 @@ class ThroughputMeter:
             if self._t is None: self._t = now; return {}
             seconds = now - self._t
         self._t = now
-        self.hist.append((tokens, seconds))
-        tps = sum(t for t, _ in self.hist) / max(sum(s for _, s in self.hist), 1e-9)
-        out = {'perf/tokens_per_sec': tps}
-        if self.peak: out['perf/mfu'] = tps * self.fpt / self.peak
+        self.hist.append((tokens, seconds, tokens * self.fpt if flops is None else flops))
+        secs = max(sum(h[1] for h in self.hist), 1e-9)
+        out = {'perf/tokens_per_sec': sum(h[0] for h in self.hist) / secs}
+        if self.peak: out['perf/mfu'] = sum(h[2] for h in self.hist) / secs / self.peak
         return out
 
 # %% ../nbs/05_monitor.ipynb #c023
@@ -225,7 +226,7 @@ def format_estimate(d:dict, # from `estimate`
     ck = d['activation_checkpointing']
     act = (f"activations {mem['activations_checkpointed']:.3g} (checkpointed; {mem['activations']:.3g} without)" if ck
            else f"activations {mem['activations']:.3g} ({mem['activations_checkpointed']:.3g} with activation checkpointing)")
-    fit = ('' if d['fits'] is None else f" of {d['gpu_memory_gb']:.1f} → " + ('fits' if d['fits'] else 'DOES NOT FIT'))
+    fit = ('' if d['fits'] is None else f" of {d['gpu_memory_gb']:.1f} GiB → " + ('fits' if d['fits'] else 'DOES NOT FIT'))
     lines = [
         f"run      {d['run']} on {d['world_size']} × {d['gpu']}",
         f"model    {_si(d['params'])} params ({_si(d['params_non_embedding'])} non-embedding + {_si(d['params_embedding'])} embedding), "
@@ -235,7 +236,7 @@ def format_estimate(d:dict, # from `estimate`
                         if d['tokens_per_sec'] else na),
         f"time     " + (f"{d['eta_hours']:.1f} h, ${d['cost_usd']:,.0f} at ${d['usd_per_hour']:.2f}/h ({d['price_source']})"
                         if d['eta_hours'] is not None else 'n/a'),
-        f"memory   weights {mem['weights']:.3g} + grads {mem['grads']:.3g} + optimizer {mem['optimizer']:.3g} + {act}"
+        f"memory   (GiB) weights {mem['weights']:.3g} + grads {mem['grads']:.3g} + optimizer {mem['optimizer']:.3g} + {act}"
         f" + logits {mem['logits']:.3g} + overhead {mem['overhead']:.3g} = {d['memory_needed_gb']:.3g} GiB{fit}",
     ]
     return '\n'.join(lines)

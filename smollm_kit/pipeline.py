@@ -118,6 +118,8 @@ def pipeline(cfg:str|Path='tiny',                 # a pipeline preset ('tiny', '
              init_from:Optional[str]=None,         # weights for the first stage run when its predecessor is not in run_dir
              callbacks:list|None=None,             # each gets every metrics record of every stage
              force:bool=False,                     # resume despite unsafe config changes
+             on_stage=None,                        # called as on_stage(stage, config) before a stage runs; returns
+                                                   # extra callbacks for that stage only (e.g. a live plot per stage)
             )->list[StageSummary]:
     "Run the pipeline's stages in order, skipping finished ones and resuming an interrupted one; print the summary."
     plan, run_dir = load_pipeline(cfg), Path(run_dir)
@@ -134,7 +136,8 @@ def pipeline(cfg:str|Path='tiny',                 # a pipeline preset ('tiny', '
                                   f"run --stages {prev},{s} (or pass --init-from PATH)")
             init = run_dir/prev
         c = stage_config(plan, s, run_dir, ov, init)
-        res = getattr(importlib.import_module(f'smollm_kit.{s}'), s)(c, callbacks=callbacks, force=force)
+        cbs = list(callbacks or []) + (list(on_stage(s, c) or []) if on_stage else [])
+        res = getattr(importlib.import_module(f'smollm_kit.{s}'), s)(c, callbacks=cbs, force=force)
         if res.interrupted:
             rows.append(summarize(d, s, 'interrupted', res.key_metric)); break
         (d/'stage_done.json').write_text(json.dumps({'stage': s, 'step': res.step, 'tokens': res.tokens,

@@ -14,10 +14,14 @@ import yaml
 from .monitor import read_metrics
 
 # %% auto #0
-__all__ = ['STAGES', 'KEY_METRIC', 'PROMPTS', 'CHAT_PROMPTS', 'find_stages', 'last_values', 'first_values', 'stage_summary',
-           'plot_stage', 'sample_generations', 'stage_section', 'write_report', 'add_report_args', 'report_main']
+__all__ = ['STAGES', 'KEY_METRIC', 'PROMPTS', 'CHAT_PROMPTS', 'ReportError', 'find_stages', 'last_values', 'first_values',
+           'stage_summary', 'plot_stage', 'sample_generations', 'stage_section', 'write_report', 'add_report_args',
+           'report_main']
 
 # %% ../nbs/13_report.ipynb #r005
+class ReportError(ValueError):
+    "A directory or file the report cannot be written from; the message names it."
+
 STAGES = ('pretrain', 'sft', 'dpo', 'rlvr')
 KEY_METRIC = {'pretrain': 'val/loss', 'sft': 'val/loss', 'dpo': 'val/rewards/accuracies', 'rlvr': 'val/pass@1'}
 
@@ -25,7 +29,7 @@ def _is_run(d:Path)->bool: return d.is_dir() and ((d/'metrics.jsonl').is_file() 
 
 def _read_yaml(p:Path)->dict:
     try: return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
-    except yaml.YAMLError as e: raise ValueError(f"report: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e: raise ReportError(f"report: {p} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 def find_stages(run_dir:str|Path, # a pipeline directory or a run directory
                )->list[tuple[str, Path]]:
@@ -35,7 +39,7 @@ def find_stages(run_dir:str|Path, # a pipeline directory or a run directory
     stages = [(s, d/s) for s in STAGES if _is_run(d/s)]
     if stages: return stages
     if _is_run(d): return [((_read_yaml(d/'config.yaml').get('run') or {}).get('stage') or 'pretrain', d)]
-    raise ValueError(f"report: {d} is neither a run directory (config.yaml, metrics.jsonl) nor a pipeline directory ({', '.join(s + '/' for s in STAGES)})")
+    raise ReportError(f"report: {d} is neither a run directory (config.yaml, metrics.jsonl) nor a pipeline directory ({', '.join(s + '/' for s in STAGES)})")
 
 # %% ../nbs/13_report.ipynb #r007
 def last_values(records:list[dict], # from `read_metrics`, sorted by step
@@ -72,7 +76,8 @@ def stage_summary(name:str, d:str|Path)->dict:
     "Config, progress, final metrics, evals and events of the stage whose run directory is `d`."
     d = Path(d)
     cfg = _read_yaml(d/'config.yaml')
-    recs, events = read_metrics(d) if (d/'metrics.jsonl').is_file() else ([], [])
+    try: recs, events = read_metrics(d) if (d/'metrics.jsonl').is_file() else ([], [])
+    except ValueError as e: raise ReportError(str(e)) from None
     ckpt = _latest_checkpoint(d)
     cost = _trainer_cost(ckpt)
     last = recs[-1] if recs else {}
@@ -97,22 +102,21 @@ _RIGHT = ('train/reward', 'val/reward', 'val/pass@1', 'train/rewards/accuracies'
 
 def plot_stage(summary:dict, out:str|Path)->Optional[Path]:
     "Save the stage's loss (and reward / accuracy) curves as a PNG at `out`; None when nothing was logged."
-    import matplotlib
-    matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
     recs = summary['records']
     series = lambda k: [(r['step'], r[k]) for r in recs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
     panels = [[(k, series(k)) for k in ks if series(k)] for ks in (_LEFT, _RIGHT)]
     panels = [p for p in panels if p]
     if not panels: return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for k, pts in panel:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker='o' if len(pts) < 30 else None, ms=3, label=k)
         ax.set_xlabel('step'); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     fig.suptitle(f"{summary['name']}"); fig.tight_layout()
-    out = Path(out); fig.savefig(out, dpi=90); plt.close(fig)
+    out = Path(out); fig.savefig(out, dpi=90)
     return out
 
 # %% ../nbs/13_report.ipynb #r018

@@ -6,12 +6,12 @@ Docs: https://smollm-kit.github.io/smollm_kit/rlvr.html.md"""
 
 # %% ../nbs/10_rlvr.ipynb #r002
 from __future__ import annotations
-import copy, json, math, random, warnings
+import copy, json, math, random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import torch
-from .config import Config, ConfigError, load_config, patch_to
+from .config import Config, load_config, patch_to
 from .data import DataError
 from .generate import sample_next
 from .sft import ensure_chat_format, render_chat, chat_stop_ids
@@ -106,8 +106,12 @@ def sample_rollouts(model,                              # a `SmolLM` (in eval mo
     ids = torch.zeros(P, L, dtype=torch.long, device=dev)
     docs = torch.full((P, L), -1, dtype=torch.long, device=dev)    # left padding is a document of its own
     for i, p in enumerate(prompt_ids): ids[i, L - len(p):], docs[i, L - len(p):] = torch.tensor(p), 0
+    V = model.cfg.vocab_size
+    if (bad := next((t for p in prompt_ids for t in p if not 0 <= t < V), None)) is not None:
+        raise ValueError(f"sample_rollouts: token id {bad} is out of range [0, {V}) (model.vocab_size)")
+    head = lambda h: model.lm_head(h[:, -1]).float()               # logits of the last position only
     cache = model.new_cache(P, L + steps)
-    logits = model(ids, docs, cache=cache)[:, -1].float()          # prefill once per prompt: (P, V)
+    logits = head(model.hidden(ids, docs, cache))                  # prefill once per prompt: (P, V)
     expand_cache(cache, G); logits = logits.repeat_interleave(G, 0) # (N, V)
     N, T = P * G, temperature if temperature > 0 else 1.0
     tokens = torch.zeros(N, steps, dtype=torch.long, device=dev)
@@ -127,7 +131,7 @@ def sample_rollouts(model,                              # a `SmolLM` (in eval mo
         lengths = torch.where(hit, t + 1, lengths)
         done = done | hit
         if t + 1 == steps or ((t + 1) % sync_every == 0 and bool(done.all())): break  # the only host sync
-        logits = model(tok[:, None], zero_doc, cache=cache)[:, -1].float()
+        logits = head(model.hidden(tok[:, None], zero_doc, cache))
     n = int(lengths.max())
     return Rollout(tokens[:, :n], logps[:, :n], ent[:, :n], lengths, ~done)
 
@@ -140,9 +144,21 @@ def _demo_problem(r:random.Random)->dict:
     c = a + b if op == '+' else a - b if op == '-' else a * b
     return {'prompt': f"What is {a} {op} {b}?", 'answer': str(c)}
 
-def demo_problems(n:int=2000, n_val:int=64, seed:int=0)->tuple[list[dict], list[dict]]:
+def _small_problems(m:int)->list[dict]:
+    "Every sum and (non-negative) difference of two numbers in 1..m."
+    return [{'prompt': f"What is {a} {op} {b}?", 'answer': str(a + b if op == '+' else a - b)}
+            for a in range(1, m + 1) for b in range(1, m + 1) for op in '+-' if op == '+' or a >= b]
+
+def demo_problems(n:int=2000, n_val:int=64, seed:int=0,
+                  max_operand:Optional[int]=None, # operands 1..max_operand, + and − only (None: the SFT demo mix, up to 999)
+                 )->tuple[list[dict], list[dict]]:
     "`(train, val)` arithmetic problems, deterministic from `seed`; no held-out prompt appears in train."
-    r, seen, out = random.Random(seed), set(), []
+    r = random.Random(seed)
+    if max_operand:
+        out = _small_problems(max_operand); r.shuffle(out)
+        if len(out) <= n_val: raise DataError(f"rlvr.val_examples: {n_val} would hold out all {len(out)} demo problems (rlvr.demo_max_operand={max_operand})")
+        return out[n_val:n_val + n], out[:n_val]
+    seen, out = set(), []
     while len(out) < n + n_val:
         p = _demo_problem(r)
         if p['prompt'] not in seen: seen.add(p['prompt']); out.append(p)
@@ -178,7 +194,7 @@ def _load(name:str, rcfg, split:str)->list[dict]:
 
 def rlvr_data(rcfg, seed:int=0)->tuple[list[dict], list[dict]]:
     "`(train, val)` rows for the `rlvr` config section."
-    if rcfg.dataset == 'demo': return demo_problems(n_val=rcfg.val_examples, seed=seed)
+    if rcfg.dataset == 'demo': return demo_problems(n_val=rcfg.val_examples, seed=seed, max_operand=rcfg.demo_max_operand)
     train = _load(rcfg.dataset, rcfg, rcfg.split)
     if rcfg.val_split:
         is_file = Path(rcfg.val_split).suffix in _FILE_BUILDERS
@@ -191,9 +207,9 @@ def _unwrap(model): return getattr(model, 'module', model)
 
 def policy_logprobs(model, input_ids:torch.Tensor, targets:torch.Tensor, temperature:float=1.0)->tuple[torch.Tensor, torch.Tensor]:
     "`(log π(target), entropy)` per token, (B, T) fp32, of the model's next-token distribution at `temperature`."
-    if temperature == 1.0: return model.token_logprobs(input_ids, targets, return_entropy=True)
-    from smollm_kit.model import ChunkedTokenLogprobs, compute_dtype
     m = _unwrap(model)
+    if temperature == 1.0: return m.token_logprobs(input_ids, targets, return_entropy=True)
+    from smollm_kit.model import ChunkedTokenLogprobs, compute_dtype
     x = m.hidden(input_ids) / temperature                     # (B, T, d_model): logits / T = (x / T) @ W.T
     lp, ent = ChunkedTokenLogprobs.apply(x.flatten(0, 1), m.lm_head.weight, targets.flatten().long(),
                                          m.cfg.loss_chunk_size, compute_dtype(x))

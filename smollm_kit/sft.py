@@ -6,13 +6,15 @@ Docs: https://smollm-kit.github.io/smollm_kit/sft.html.md"""
 
 # %% ../nbs/08_sft.ipynb #c002
 from __future__ import annotations
-import ast, bisect, dataclasses, glob, hashlib, importlib.util, json, logging, math, random, re, warnings
+import ast, bisect, dataclasses, functools, glob, hashlib, importlib.util, json, logging, math, random, re, warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Iterable, Optional
 import numpy as np, torch, torch.nn as nn
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data import DataError
 from .generate import chat_stop_ids, generate_ids
+from .trainer import Trainer, Stage, StageContext, TrainResult, init_distributed, pick_device
+from .export import init_model
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ __all__ = ['log', 'IM_START', 'IM_END', 'ROLES', 'CHAT_TEMPLATE', 'chat_template
            'ensure_chat_format', 'render_chat', 'BadRecord', 'check_messages', 'record_messages', 'stdlib_doc_facts',
            'demo_chat', 'demo_chats', 'check_reply', 'SFTDataWarning', 'Encoded', 'encode_chat', 'encode_chats',
            'report_stats', 'pack_bfd', 'packing_efficiency', 'make_row', 'SFTData', 'load_records', 'sft_records',
-           'reply_metrics', 'SFTStage', 'sft_stage', 'sft']
+           'encoded_key', 'save_encoded', 'load_encoded', 'reply_metrics', 'SFTStage', 'sft_stage', 'sft']
 
 # %% ../nbs/08_sft.ipynb #c005
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
@@ -149,7 +151,8 @@ _DOC_MODULES = ['argparse', 'base64', 'bisect', 'calendar', 'colorsys', 'copy', 
                 'weakref', 'zipfile', 'json', 'email.utils', 'urllib.parse', 'urllib.request', 'http.cookies',
                 'logging', 'inspect', 'contextlib', 'collections', 'enum', 'ast', 'codecs', 'datetime', 'decimal']
 
-def stdlib_doc_facts(modules:Iterable[str]=_DOC_MODULES)->list[tuple[str, str]]:
+@functools.lru_cache(maxsize=4)
+def stdlib_doc_facts(modules:tuple[str, ...]=tuple(_DOC_MODULES))->tuple[tuple[str, str], ...]:
     "`(module.function, first docstring line)` for public functions of standard-library modules (read from source)."
     out = []
     for mod in modules:
@@ -161,7 +164,7 @@ def stdlib_doc_facts(modules:Iterable[str]=_DOC_MODULES)->list[tuple[str, str]]:
             if not isinstance(node, ast.FunctionDef) or node.name.startswith('_'): continue
             doc = (ast.get_docstring(node) or '').strip().split('\n')[0].strip()
             if 10 <= len(doc) <= 90 and doc.endswith('.') and '`' not in doc: out.append((f'{mod}.{node.name}', doc))
-    return sorted(dict(out).items())
+    return tuple(sorted(dict(out).items()))
 
 # %% ../nbs/08_sft.ipynb #c020
 _WORDS = ('the cat dog sun moon tree river stone bird fish red blue green small big quick slow happy old new '
@@ -176,7 +179,7 @@ def _arith(r:random.Random)->tuple[str, int, str]:
     c = a + b if op == '+' else a - b if op == '-' else a * b
     return f"{a} {op} {b}", c, f"{a} {op} {b} = {c}. The answer is {c}."
 
-def demo_chat(r:random.Random, facts:list[tuple[str, str]])->dict:
+def demo_chat(r:random.Random, facts:tuple[tuple[str, str], ...])->dict:
     "One demo conversation `{'messages', 'task', 'answer'}` drawn with `r`."
     task = r.choices(['arith', 'doc', 'upper', 'repeat', 'count'], [4, 2, 1, 1, 1])[0]
     words = ' '.join(r.choice(_WORDS) for _ in range(r.randint(2, 5)))
@@ -240,13 +243,13 @@ class Encoded:
     stats:dict               # records, kept, bad, bad_examples, truncated, dropped_overlong, tokens, target_tokens
 
 def encode_chat(tokenizer, messages:list[dict], n_prompt:Optional[int]=None, loss_on:str='assistant')->tuple[np.ndarray, np.ndarray]:
-    "`(ids, target_mask)` of one conversation (`n_prompt` turns of prompt/completion data get no loss)."
+    "`(ids, target_mask)` of one conversation; with `loss_on='completion'` the first `n_prompt` turns get no loss."
     ids, mask = render_chat(tokenizer, messages)
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
     if loss_on == 'all': return ids, np.ones_like(mask)
-    if loss_on == 'completion' and n_prompt is None:  # a plain chat's completion is its last assistant reply
-        n_prompt = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
-    if n_prompt: mask[:len(render_chat(tokenizer, messages[:n_prompt], add_generation_prompt=True)[0])] = False
+    if loss_on == 'completion':
+        if n_prompt is None: n_prompt = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')  # the last reply
+        mask[:len(render_chat(tokenizer, messages[:n_prompt], add_generation_prompt=True)[0])] = False
     return ids, mask
 
 def encode_chats(records:Iterable[dict], tokenizer,
@@ -256,11 +259,13 @@ def encode_chats(records:Iterable[dict], tokenizer,
                  on_bad_record:str='skip',       # 'skip' | 'error'
                  fmt:str='auto', field:str='messages',
                  where:str='sft data',           # names the data in messages
+                 positions:Optional[list[int]]=None, # each record's row number in its source (for messages); default 0, 1, ...
                 )->Encoded:
     "Check, render and mask every record; bad and overlong ones are handled per the policies and counted."
     st = dict(records=0, kept=0, bad=0, bad_examples=[], truncated=0, dropped_overlong=0, tokens=0, target_tokens=0)
     ids, masks, extra = [], [], []
-    for i, rec in enumerate(records):
+    for j, rec in enumerate(records):
+        i = positions[j] if positions is not None else j
         st['records'] += 1
         try: msgs, n_prompt = record_messages(rec, fmt, field)
         except BadRecord as e:
@@ -410,18 +415,44 @@ def load_records(name:str, split:str='train', config:Optional[str]=None, streami
         return out
     return list(ds)
 
-def sft_records(cfg:Config)->tuple[list[dict], list[dict]]:
-    "`(train, val)` records for `cfg.sft`."
+def sft_records(cfg:Config)->tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    "`(train, val)` for `cfg.sft`: `(row number in the source split, record)` pairs, in source order."
     s = cfg.sft
-    if s.dataset == 'demo': return demo_chats(s.demo_examples, s.val_examples, seed=s.demo_seed)
+    if s.dataset == 'demo':
+        train, val = demo_chats(s.demo_examples, s.val_examples, seed=s.demo_seed)
+        return list(enumerate(train)), list(enumerate(val))
     n = None if s.max_examples is None else s.max_examples + (0 if s.val_split else s.val_examples)
     recs = load_records(s.dataset, s.split, s.dataset_config, s.streaming, n)
-    if s.val_split: return recs, load_records(s.dataset, s.val_split, s.dataset_config, s.streaming, s.val_examples)
-    idx = list(range(len(recs)))
-    random.Random(cfg.run.seed).shuffle(idx)
-    return [recs[i] for i in idx[s.val_examples:]], [recs[i] for i in idx[:s.val_examples]]
+    if s.val_split: return list(enumerate(recs)), list(enumerate(load_records(s.dataset, s.val_split, s.dataset_config, s.streaming, s.val_examples)))
+    held = set(random.Random(cfg.run.seed).sample(range(len(recs)), min(s.val_examples, len(recs))))
+    return [(i, r) for i, r in enumerate(recs) if i not in held], [(i, r) for i, r in enumerate(recs) if i in held]
 
 # %% ../nbs/08_sft.ipynb #c040
+def encoded_key(cfg:Config, tokenizer)->str:
+    "A digest of everything that shapes the encoded conversations."
+    s = {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k not in ('eval_generations', 'max_new_tokens')}
+    tk = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    parts = [s, cfg.train.seq_len, cfg.run.seed, tk, tokenizer.chat_template, len(tokenizer), 1]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def save_encoded(enc:Encoded, path:Path):
+    "Write `enc` to `path` (.npz) atomically."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    with open(tmp, 'wb') as f:
+        np.savez(f, ids=np.concatenate(enc.ids or [np.zeros(0, np.int32)]), masks=np.concatenate(enc.masks or [np.zeros(0, bool)]),
+                 lengths=np.array([len(x) for x in enc.ids], np.int64), meta=np.array(json.dumps({'extra': enc.extra, 'stats': enc.stats})))
+    tmp.replace(path)
+
+def load_encoded(path:Path)->Encoded:
+    "The `Encoded` saved by `save_encoded`."
+    with np.load(path) as z:
+        cut = np.cumsum(z['lengths'])[:-1]
+        meta = json.loads(str(z['meta']))
+        return Encoded(np.split(z['ids'], cut) if len(z['lengths']) else [], np.split(z['masks'], cut) if len(z['lengths']) else [],
+                       meta['extra'], meta['stats'])
+
+# %% ../nbs/08_sft.ipynb #c043
 def _prompt(messages:list[dict])->list[dict]:
     "The turns before the last assistant reply."
     return messages[:max(i for i, m in enumerate(messages) if m['role'] == 'assistant')]
@@ -446,10 +477,7 @@ def reply_metrics(model:nn.Module, tokenizer, examples:list[dict], # {'messages'
         res[f'val/format_acc{k}'] = fm / n
     return res, replies
 
-# %% ../nbs/08_sft.ipynb #c043
-from .trainer import Trainer, Stage, StageContext, TrainResult, init_distributed, pick_device
-from .export import init_model
-
+# %% ../nbs/08_sft.ipynb #c046
 class SFTStage(Stage):
     "Supervised fine-tuning on packed chats with the loss on assistant tokens; held-out loss and reply checks."
     name = 'sft'
@@ -458,20 +486,26 @@ class SFTStage(Stage):
         self.tokenizer, self.max_new_tokens = ensure_chat_format(tokenizer, model, s.system_prompt), s.max_new_tokens
         cfg.model.vocab_size = model.cfg.vocab_size            # the saved config must describe the (maybe grown) model
         if tokenizer.pad_token_id is None: tokenizer.pad_token = tokenizer.eos_token
-        train, val = sft_records(cfg)
-        kw = dict(seq_len=t.seq_len, loss_on=s.loss_on, overlong=s.overlong, on_bad_record=s.on_bad_record,
-                  fmt=s.format, field=s.messages_field)
-        enc = encode_chats(train, tokenizer, where=f'sft.dataset {s.dataset!r} (train)', **kw)
-        venc = encode_chats(val, tokenizer, where=f'sft.dataset {s.dataset!r} (held out)', **kw)
-        self.warnings = [w for w in (report_stats(enc.stats, f'sft.dataset {s.dataset!r} (train)'),
-                                     report_stats(venc.stats, f'sft.dataset {s.dataset!r} (held out)')) if w]
+        cache = None if s.dataset == 'demo' else cfg.run_dir/'sft_data'/encoded_key(cfg, tokenizer)
+        if cache is not None and (cache/'train.npz').exists() and (cache/'val.npz').exists():
+            enc, venc = load_encoded(cache/'train.npz'), load_encoded(cache/'val.npz')
+        else:
+            train, val = sft_records(cfg)
+            kw = dict(seq_len=t.seq_len, loss_on=s.loss_on, overlong=s.overlong, on_bad_record=s.on_bad_record,
+                      fmt=s.format, field=s.messages_field)
+            enc, venc = [encode_chats([r for _, r in part], tokenizer, positions=[i for i, _ in part],
+                                      where=f"sft.dataset {s.dataset!r} ({name} split)", **kw)
+                         for part, name in ((train, s.split), (val, s.val_split or f'held out of {s.split}'))]
+            if cache is not None and rank == 0: save_encoded(venc, cache/'val.npz'); save_encoded(enc, cache/'train.npz')
+        self.warnings = [w for w in (report_stats(enc.stats, f"sft.dataset {s.dataset!r} ({s.split} split)"),
+                                     report_stats(venc.stats, f"sft.dataset {s.dataset!r} (held-out)")) if w]
         pad = tokenizer.pad_token_id
         self.data = SFTData(enc, t.seq_len, t.micro_batch_size, pad, cfg.run.seed, rank, world_size)
         self.val = SFTData(venc, t.seq_len, t.micro_batch_size, pad) if venc.ids else None
         self.examples = [e for e in venc.extra if e][:s.eval_generations]
         self.key_metric = 'val/exact_match' if self.examples else 'val/loss'
         self.stats = {'train': enc.stats, 'val': venc.stats, 'rows': len(self.data), 'packing_efficiency': self.data.efficiency}
-        print(f"sft data: {enc.stats['kept']:,} chats ({enc.stats['target_tokens']:,} target tokens) packed into "
+        if rank == 0: print(f"sft data: {enc.stats['kept']:,} chats ({enc.stats['target_tokens']:,} target tokens) packed into "
               f"{len(self.data):,} rows of {t.seq_len} (packing efficiency {self.data.efficiency:.1%}); "
               f"{venc.stats['kept']} held out, {len(self.examples)} with checkable answers", flush=True)
 

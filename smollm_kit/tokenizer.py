@@ -210,8 +210,11 @@ def encode(tk,                 # a `tokenizers.Tokenizer` (e.g. `tok.backend_tok
     return out, lens
 
 _WORKER: dict = {}
-def _init_worker(tok_json:str, bos, eos):
-    "Worker-process initialiser: build the tokenizer once."
+def _init_worker(tok_json:str, bos, eos, parent_pid:int|None=None):
+    "Worker-process initialiser: die with the trainer (`parent_pid`), build the tokenizer once."
+    if parent_pid:  # after a kill -9 of the trainer no worker, forkserver or resource tracker must live on
+        from smollm_kit.interrupt import die_with_parent
+        die_with_parent(parent_pid)
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one process per core already; no nested thread pool
     from tokenizers import Tokenizer
     _WORKER.update(tk=Tokenizer.from_str(tok_json), bos=bos, eos=eos)

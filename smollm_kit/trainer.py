@@ -6,7 +6,7 @@ Docs: https://smollm-kit.github.io/smollm_kit/trainer.html.md"""
 
 # %% ../nbs/06_trainer.ipynb #c002
 from __future__ import annotations
-import contextlib, dataclasses, math, os, sys, time, warnings
+import contextlib, dataclasses, json, math, os, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Any
@@ -14,7 +14,12 @@ import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
 from .config import Config, ConfigError, save_config
 from .optim import build_optimizer, lr_factor
-from .checkpoint import CheckpointManager, GracefulInterrupt, capture_rng, restore_rng, check_resume_compat
+from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng
+from .resume import check_resume_compat, check_model_fits, broken_run_error
+from .rundir import RunLock, check_run_dir
+from .interrupt import GracefulInterrupt, signal_exit_code
+from .distributed import (resolve_parallel, wrap_model, no_sync, agree, gather_objects, distribute_optimizer,
+                                    full_model_state, load_model_state, full_optim_state, load_optim_state)
 from .monitor import (MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
@@ -36,6 +41,7 @@ class Stage:
     def step_metrics(self)->dict: return {}                          # already-averaged extras for this step
     def evaluate(self, ctx:StageContext)->dict: return {}           # held-out metrics ('val/...')
     def tokens(self, batch:dict)->int: return int(batch['input_ids'].numel())
+    def flops(self, batch:dict, flops_per_token:float)->float: return self.tokens(batch) * flops_per_token  # + reference forwards, rollouts
     def budget_steps(self, train_cfg, world_size:int)->Optional[int]: return None  # steps for `train.epochs`
     def state_dict(self)->dict: return {}
     def load_state_dict(self, sd:dict): pass
@@ -106,8 +112,10 @@ def init_distributed(device:torch.device)->DistInfo:
     ws = int(os.environ.get('WORLD_SIZE', '1'))
     if ws == 1: return DistInfo()
     import torch.distributed as dist
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if device.type == 'cuda': torch.cuda.set_device(local)    # one GPU per rank, before NCCL picks one
     if not dist.is_initialized(): dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', '0')))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 # %% ../nbs/06_trainer.ipynb #c012
 @dataclass
@@ -116,9 +124,15 @@ class TrainResult:
     metrics:dict=field(default_factory=dict)   # the last logged record, with the last val/* merged in
     resumed_from:Optional[int]=None            # step the run resumed from, if it did
     interrupted:bool=False                     # stopped by SIGTERM / KeyboardInterrupt (after saving)
+    signal:Optional[str]=None                  # the signal that stopped it ('SIGINT', 'SIGTERM'), if one did
     stage:str='pretrain'                       # the stage that ran
     first_eval:dict=field(default_factory=dict) # held-out metrics before the first step (for "before -> after")
     key_metric:str='val/loss'                  # the stage's measure of success
+    @property
+    def exit_code(self)->int:
+        "What the command line exits with: 0 when finished, 128 + the signal number when interrupted (SIGINT 130, SIGTERM 143)."
+        import signal as _s
+        return (128 + int(getattr(_s, self.signal))) if self.interrupted and self.signal else (130 if self.interrupted else 0)
 
 
 # %% ../nbs/06_trainer.ipynb #c014
@@ -134,13 +148,17 @@ class Trainer:
         self.resume_mode, self.force = resume or cfg.checkpoint.resume, force
         self.device = pick_device(cfg.run.device)
         self.dist = dist or init_distributed(self.device)
+        if self.device.type == 'cuda' and self.dist.world_size > 1: self.device = torch.device('cuda', self.dist.local_rank)
         self.precision = pick_precision(cfg.train.precision, self.device)
         self.run_dir = cfg.run_dir
+        if self.dist.is_main: check_run_dir(self.run_dir)   # a file, read-only, another writer: one line, now
         self.model = model.to(self.device)
         self.lineage = getattr(model, 'init_lineage', None)   # set by `init_model` when started from other weights
         if cfg.train.activation_checkpointing: self.model.set_activation_checkpointing(True)
         self.frozen, self.frozen_sources = self._freeze(stage.frozen_models())
-        self.opt = build_optimizer(self.model, cfg.optim)
+        self.parallel = resolve_parallel(cfg.train.parallel, self.dist.world_size, self.precision, stage.name)
+        self.train_model = self._wrap(self.model)          # before the optimizer: FSDP2 swaps parameters for shards
+        self.opt = distribute_optimizer(build_optimizer(self.model, cfg.optim))
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16')
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, rank=self.dist.rank)
         self.stability = StabilityMonitor(cfg.stability)
@@ -152,7 +170,6 @@ class Trainer:
         self.cost = CostTracker(self.hw['usd_per_hour'], self.total_steps * self.tokens_per_step)
         self.step, self.tokens, self.resumed_from, self.saved_step = 0, 0, None, None
         self.ctx = StageContext(self)
-        self.train_model = self._wrap(self.model)
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _freeze(self, models:dict)->tuple[dict, dict]:
@@ -175,11 +192,9 @@ class Trainer:
         return min(steps)
 
     def _wrap(self, model):
-        "Compile the blocks when asked and wrap in DDP across ranks; `self.model` (same parameters) is what we save."
+        "Compile the blocks when asked and wrap for several ranks (DDP / FSDP2); `self.model` (same parameters) is what we save."
         if self.cfg.train.compile: model.compile_blocks()
-        if self.dist.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
-        return model
+        return wrap_model(model, self.parallel, self.device, self.precision)
 
     def autocast(self):
         "The autocast context for forward passes."
@@ -193,14 +208,14 @@ class Trainer:
     def train_step(self)->dict:
         "Accumulate gradients of summed losses over the step's micro-batches, normalise globally, check stability, update."
         accum, dev = self.cfg.train.grad_accum_steps, self.device
-        n_total, loss_total, n_tokens, scale = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, None
+        n_total, loss_total, n_tokens, flops, scale = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, 0.0, None
         sums, counts = {}, {}                     # metric sums; counts[k] is None when averaged by n
         for i in range(accum):
             batch = self._to_device(self.stage.next_batch(self.ctx))
-            tokens = self.stage.tokens(batch); n_tokens += tokens
+            tokens = self.stage.tokens(batch); n_tokens += tokens; flops += self.stage.flops(batch, self.speed.fpt)
             if scale is None: scale = 1.0 / max(tokens, 1)
             sync = self.dist.world_size == 1 or i == accum - 1  # DDP: all-reduce only on the last micro-batch
-            with (contextlib.nullcontext() if sync else self.train_model.no_sync()):
+            with no_sync(self.train_model, skip=not sync):
                 with self.autocast(): loss_sum, n, metrics = self.stage.loss(self.train_model, batch)
                 self.scaler.scale(loss_sum * scale).backward()
             n_total += torch.as_tensor(n, dtype=torch.float32, device=dev)
@@ -219,20 +234,26 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads: torch._foreach_mul_(grads, self.dist.world_size / (scale * n_global))  # DDP averaged over ranks: undo it
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float('inf'))
+        if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()   # FSDP2: a DTensor
         vals = torch.cat([stats, grad_norm.detach().float().reshape(1).to(dev)]).tolist()   # the step's one host sync
         loss, grad_norm, n_tokens = vals[0] / max(vals[1], 1), vals[-1], int(vals[2])
         k = len(keys)
         metrics = {f'train/{key}': vals[3+j] / max(vals[3+k+j], 1e-12) for j, key in enumerate(keys)}
         events = self.stability.check(self.step + 1, loss, grad_norm)
         actions = {e.get('action') for e in events}
-        if 'skip' in actions or 'rollback' in actions or not math.isfinite(loss) or not math.isfinite(grad_norm):
+        skip = 'skip' in actions or 'rollback' in actions or not math.isfinite(loss) or not math.isfinite(grad_norm)
+        if self.dist.world_size > 1:                  # rank 0 decides for every rank
+            skip, back = agree([skip, 'rollback' in actions], device=dev)
+            if not self.dist.is_main: events = [{'event': 'rank0', 'action': 'rollback'}] if back else []
+        if skip:
             self.opt.zero_grad(set_to_none=True)
             if self.scaler.is_enabled(): self.scaler.update()
         else:
             self.scaler.step(self.opt) if self.scaler.is_enabled() else self.opt.step()
             if self.scaler.is_enabled(): self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
-        return dict(loss=loss, grad_norm=grad_norm, tokens=n_tokens, n=vals[1], metrics=metrics, events=events)
+        return dict(loss=loss, grad_norm=grad_norm, tokens=n_tokens, flops=flops * self.dist.world_size, n=vals[1],
+                    metrics=metrics, events=events)
 
     def evaluate(self)->dict:
         "The stage's held-out metrics, computed in inference mode."
@@ -247,21 +268,35 @@ class Trainer:
 
     def load_state_dict(self, sd:dict, keep:tuple=()):
         "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
+        if (ws := sd.get('world_size', 1)) != self.dist.world_size:
+            raise ConfigError(f"world size: the checkpoint was written by {ws} rank(s) and this run has {self.dist.world_size}; each rank's "
+                              f"data position and RNG cannot be remapped exactly -- relaunch with {ws} process(es), or start a new run "
+                              f"from these weights with --init-from")
+        mine = sd['ranks'][self.dist.rank] if 'ranks' in sd else sd   # this rank's data position and RNG
         self.step, self.tokens = sd['step'], sd['tokens']
-        self.opt.load_state_dict(sd['optim'])
-        if 'data' not in keep: self.stage.load_state_dict(sd['stage_state'])
+        load_optim_state(self.opt, sd['optim'])
+        if 'data' not in keep: self.stage.load_state_dict(mine['stage_state'])
         if 'cost' not in keep: self.cost.load_state_dict(sd['cost'])
         if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
-        restore_rng(sd['rng']); self.stability.load_state_dict(sd['stability'])
+        restore_rng(mine['rng']); self.stability.load_state_dict(sd['stability'])
+
+    def full_state(self)->tuple[dict, dict]:
+        "(model state, trainer state) as one process holds them; with several ranks a collective: rank 0 gets every rank's data position and RNG."
+        sd = self.state_dict()
+        if self.dist.world_size == 1: return self.model.state_dict(), sd
+        sd['optim'] = full_optim_state(sd['optim'])
+        sd.update(ranks=gather_objects({'stage_state': sd['stage_state'], 'rng': sd['rng']}), world_size=self.dist.world_size)
+        return full_model_state(self.model), sd
 
     def save(self, reason:str='periodic')->Optional[Path]:
-        "Write a checkpoint (rank 0) and log it."
-        if not self.dist.is_main: return None
+        "Write a checkpoint (rank 0 writes; every rank takes part) and log it."
         t0 = time.perf_counter()
         extra = {'stage': self.stage.name, **({'lineage': self.lineage} if self.lineage else {})}
-        path = self.ckpt.save(self.step, self.model.state_dict(), self.state_dict(), tokenizer=self.tokenizer,
+        model_state, state = self.full_state()
+        path = self.ckpt.save(self.step, model_state, state, tokenizer=self.tokenizer,
                               config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), manifest_extra=extra)
         self.saved_step = self.step
+        if not self.dist.is_main: return None
         self.log({'event': 'checkpoint', 'step': self.step, 'tokens': self.tokens, 'path': str(path), 'reason': reason,
                   'stall_s': round(time.perf_counter() - t0, 3)})
         return path
@@ -270,11 +305,12 @@ class Trainer:
         "Restore the newest valid checkpoint according to the resume mode; return its step or None."
         latest = self.ckpt.latest_valid()
         if self.resume_mode == 'never':
-            if latest is not None:
+            if latest is not None or self.ckpt.invalid:
                 raise ConfigError(f"checkpoint.resume: never, but {self.run_dir} already has checkpoints ({latest.name}); "
                                   "pass a fresh --run-dir or resume")
             return None
         if latest is None:
+            if self.ckpt.invalid: raise broken_run_error(self.run_dir, self.ckpt.invalid)   # never restart over a broken run
             if self.resume_mode == 'always': raise ConfigError(f"checkpoint.resume: always, but {self.run_dir} has no valid checkpoint")
             return None
         model_state, state, config_yaml = self.ckpt.load(latest)
@@ -282,7 +318,11 @@ class Trainer:
             raise ConfigError(f"run.stage: {self.run_dir} holds a {state['stage']} run, and this is {self.stage.name}; "
                               f"use another --run-dir (and --init-from {self.run_dir} to start from its weights)")
         changes = check_resume_compat(yaml.safe_load(config_yaml), self.cfg.to_dict(), force=self.force) if config_yaml else []
-        self.model.load_state_dict(model_state)
+        check_model_fits(model_state, self.model.state_dict(), latest)
+        for old, new in self.ckpt.quarantine_invalid():   # newer but invalid: renamed aside so no save replaces them
+            print(f"checkpoint {old.name} is invalid: kept as {new.name}; resuming from {latest.name}", flush=True)
+        if changes and self.dist.is_main: print("config changed since the checkpoint: " + '; '.join(changes), flush=True)
+        load_model_state(self.model, model_state)
         self.load_state_dict(state)
         self.resumed_from = self.saved_step = self.step
         self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
@@ -291,11 +331,12 @@ class Trainer:
     def rollback(self)->bool:
         "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
         self.ckpt.wait()
+        if self.dist.world_size > 1: torch.distributed.barrier()   # rank 0's save in flight is on disk for everyone
         latest = self.ckpt.latest_valid()
         if latest is None: return False
         bad_step = self.step
         model_state, state, _ = self.ckpt.load(latest)
-        self.model.load_state_dict(model_state)
+        load_model_state(self.model, model_state)
         self.load_state_dict(state, keep=('data', 'cost'))
         self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
         return True
@@ -307,7 +348,7 @@ class Trainer:
 
     def _metrics(self, out:dict, lr_f:float)->dict:
         "The `train/*`, `perf/*`, `cost/*` and `gpu/*` fields of a step record."
-        perf = self.speed.update(out['tokens'])
+        perf = self.speed.update(out['tokens'], flops=out['flops'])
         cost = self.cost.update(self.tokens, tokens_per_sec=perf.get('perf/tokens_per_sec'))
         peak_lr = self.cfg.optim.muon_lr if self.cfg.optim.name == 'muon_adamw' else self.cfg.optim.adamw_lr
         return {'step': self.step, 'tokens': self.tokens, 'train/loss': out['loss'], 'train/grad_norm': out['grad_norm'],
@@ -317,11 +358,25 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------------------
     def fit(self)->TrainResult:
         "Train to the budget, evaluating, logging and checkpointing on the way; resume first if there is a checkpoint."
+        self.run_lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None  # one writer per run directory
+        try: return self._fit()
+        except BaseException:                     # record why (a failed save), release the workers, keep the log
+            if hasattr(self, 'logger'):
+                with contextlib.suppress(Exception):
+                    for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step') or self.step})
+                    self.logger.close()
+            with contextlib.suppress(Exception): self.stage.close()
+            raise
+        finally:
+            if self.run_lock is not None: self.run_lock.release()
+
+    def _fit(self)->TrainResult:
         cfg, total = self.cfg, self.total_steps
         if self.dist.is_main: self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logger = MetricsLogger(self.run_dir, use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                     run_name=cfg.run.name, config=cfg.to_dict(), rank=self.dist.rank)
         self.maybe_resume()
+        if self.resumed_from is not None and self.step >= total: return self._already_complete(total)
         if self.dist.is_main: save_config(cfg, self.run_dir/'config.yaml')
         if self.resumed_from is None and self.lineage: self.log({'event': 'init_from', 'step': 0, 'tokens': 0, **self.lineage})
         self.stage.setup(self.ctx)
@@ -335,7 +390,8 @@ class Trainer:
                    disable=not (cfg.logging.progress and self.dist.is_main))
         self.speed.reset(); self.cost.update(self.tokens, seconds=0.0)
         with GracefulInterrupt() as stop:
-            while self.step < total and not stop.requested:
+            stopping = stop.requested
+            while self.step < total and not stopping:
                 lr_f = lr_factor(self.step, total, cfg.schedule)
                 self.opt.set_lr_factor(lr_f)
                 out = self.train_step()
@@ -345,22 +401,43 @@ class Trainer:
                     bar.n = self.step; bar.refresh(); continue
                 record = self._metrics(out, lr_f)
                 do_eval = self.step == total or bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
-                if do_eval: record.update(self.evaluate())
+                if do_eval: record.update(self.evaluate()); self.speed.reset()    # evaluation time is not training throughput
                 if do_eval or self.step % cfg.logging.every_steps == 0:
                     self.log(record); last.update(record)
                 if do_eval and self.dist.is_main and (v := {k: x for k, x in record.items() if k.startswith('val/')}):
                     bar.write(f"step {self.step}: train/loss {out['loss']:.3f}  " + '  '.join(f"{k} {x:.4g}" for k, x in list(v.items())[:4]))
                 bar.update(1); bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
                 for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
-                if self.step < total and self.ckpt.should_save(self.step, time.monotonic()): self.save()
-            interrupted = stop.requested
+                due = self.step < total and self.ckpt.should_save(self.step, time.monotonic())
+                due, failed, stopping = agree([due, self.ckpt.error is not None], [stop.requested], device=self.device)  # rank 0's clock and saves; any rank's signal
+                if failed:                                # a failed background save stops the run here, loudly
+                    self.ckpt.raise_if_failed()
+                    raise CheckpointWriteError("rank 0 could not write its checkpoint (its log says why)")
+                if self.run_lock is not None: self.run_lock.heartbeat()
+                if due: self.save()
+            interrupted, signame = stopping, stop.signal_name
         bar.close()
-        if self.dist.is_main and self.saved_step != self.step: self.save('interrupt' if interrupted else 'final')
+        if self.saved_step != self.step: self.save('interrupt' if interrupted else 'final')
         self.ckpt.wait_for_mirror()
         for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
         self.stage.close(); self.logger.close()
         res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
-                          interrupted, self.stage.name, first_eval, self.stage.key_metric)
+                          interrupted, signame, self.stage.name, first_eval, self.stage.key_metric)
+        self.print_summary(res, total)
+        return res
+
+    def _already_complete(self, total:int)->TrainResult:
+        "A finished run started again: say so with its summary, train nothing."
+        last = {}
+        if (p := self.run_dir/'metrics.jsonl').is_file():
+            for line in p.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if 'event' not in (r := json.loads(line)): last.update(r)
+        self.stage.close(); self.logger.close()
+        res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
+                          False, None, self.stage.name, {}, self.stage.key_metric)
+        if self.dist.is_main: print(f"== {self.run_dir}: already complete at step {self.step}/{total} (raise train.max_steps "
+                                    "or train.max_tokens to train further)", flush=True)
         self.print_summary(res, total)
         return res
 
@@ -373,7 +450,7 @@ class Trainer:
         backend = getattr(self.model, 'attn_backend', '?')
         lines = [f"== smollm_kit {self.stage.name}: {self.cfg.run.name} -> {self.run_dir}",
                  f"device {self.device} ({self.hw['name']}), precision {self.precision}, attention {backend}, "
-                 f"world size {self.dist.world_size}",
+                 f"world size {self.dist.world_size}" + (f" ({self.parallel})" if self.dist.world_size > 1 else ''),
                  f"steps {self.step} -> {total}, {self.tokens_per_step:,} tokens/step",
                  format_estimate(e)]
         if self.frozen:

@@ -6,8 +6,8 @@ Docs: https://smollm-kit.github.io/smollm_kit/verifiers.html.md"""
 
 # %% ../nbs/10a_verifiers.ipynb #v002
 from __future__ import annotations
-import importlib, math, os, re, subprocess, sys, tempfile, threading, warnings
-from dataclasses import dataclass, field
+import importlib, logging, math, os, re, subprocess, sys, tempfile, threading, warnings
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Optional
 from .config import ConfigError
@@ -53,9 +53,17 @@ def gold_answer(answer)->str:
     s = str(answer)
     return s.rsplit('####', 1)[1].strip() if '####' in s else s.strip()
 
+class _NoTimeoutNotice(logging.Filter):
+    "Drop math-verify's notice that its (signal) timeout is off: ours is on."
+    def filter(self, record): return 'Timeout is disabled' not in record.getMessage()
+
 def _math_verify():
-    try: import math_verify; return math_verify
+    try: import math_verify
     except ImportError: return None
+    for name in ('math_verify', 'math_verify.parser', 'math_verify.grader', 'math_verify.utils'):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _NoTimeoutNotice) for f in lg.filters): lg.addFilter(_NoTimeoutNotice())
+    return math_verify
 
 def numeric_match(completion:str, gold)->bool:
     "True when the final answer of `completion` equals `gold` as an exact number (text match if gold is not numeric)."

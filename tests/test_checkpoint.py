@@ -229,7 +229,8 @@ def test_rotation_never_deletes_the_only_valid_checkpoint(tmp_path, monkeypatch)
     with monkeypatch.context() as mp:
         mp.setattr(ck, 'save_model_state', disk_full)
         mgr.save(20, {'w': torch.ones(4)}, {})
-        with pytest.raises(OSError, match='No space left'): mgr.wait()
+        with pytest.raises(ck.DiskFullError, match=f'no space left on {mgr.dir}: this checkpoint needs ~'): mgr.wait()
+    assert isinstance(mgr.error, ck.DiskFullError)                               # and raise_if_failed() raises it
     assert step_dirs(mgr.dir) == ['step_00000010'] and not list(mgr.dir.glob('.tmp-*'))
     assert mgr.latest_valid() == mgr.dir/'step_00000010'
     assert [e['event'] for e in mgr.pop_events()] == ['checkpoint_written', 'checkpoint_error']

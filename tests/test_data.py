@@ -182,11 +182,14 @@ def test_demo_tokenizer_has_chatml_tokens_and_a_key_that_names_them(demo_cache, 
     assert T.demo_tokenizer(2048, str(demo_cache)) != now
 
 def test_tokenizer_args_are_defined_once():
+    "`smollm tokenizer train` parses exactly what `add_tokenizer_args` defines."
     import argparse
-    p = D.add_tokenizer_args(argparse.ArgumentParser())
-    ns = p.parse_args(['a.txt', 'b.jsonl', '--out', 'o', '--vocab-size', '300'])
-    assert (ns.files, ns.out, ns.vocab_size, ns.text_field) == (['a.txt', 'b.jsonl'], 'o', 300, 'text')
-    assert T._tokenizer_parser().parse_args(['train', 'a.txt', '--out', 'o']).vocab_size == ns.vocab_size - 300 + 32000
+    from smollm_kit.cli import build_parser
+    argv = ['a.txt', 'b.jsonl', '--out', 'o', '--vocab-size', '300']
+    ours = vars(D.add_tokenizer_args(argparse.ArgumentParser()).parse_args(argv))
+    assert ours == {'files': ['a.txt', 'b.jsonl'], 'out': 'o', 'vocab_size': 300, 'text_field': 'text'}
+    cli = vars(build_parser().parse_args(['tokenizer', 'train', *argv]))
+    assert {k: cli[k] for k in ours} == ours and cli['tok_command'] == 'train'
 
 def test_data_modules_import_without_torch():
     "The tokenizer worker processes import smollm_kit.tokenizer; `import smollm_kit.data` stays light too."

@@ -10,8 +10,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from smollm_kit.checkpoint import CheckpointManager
+from smollm_kit.cli import main as cli_main
 from smollm_kit.config import CheckpointConfig, ModelConfig
-from smollm_kit.eval import (SUITE, KitLM, add_eval_args, eval_main, evaluate_model, periodic_eval, resolve_tasks,
+from smollm_kit.eval import (SUITE, EvalError, KitLM, add_eval_args, eval_main, evaluate_model, periodic_eval, resolve_tasks,
                              suite_scores, suite_table, task_manager)
 from smollm_kit.export import export_hf, load_model
 from smollm_kit.generate import generate_text
@@ -188,6 +189,13 @@ def test_resolve_tasks_and_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'no_such_task'"): task_manager([str(d)], ['toy_mc', 'no_such_task'])
 
 
+def test_missing_task_data_is_a_clear_error(run, tmp_path):
+    d = write_task(tmp_path/'tasks', 'toy_mc', [{'q': 'a', 'choices': [' b'], 'label': 0}], MC)
+    (d/'toy_mc.jsonl').unlink()
+    with pytest.raises(EvalError, match=r"could not load a task's data: .*toy_mc\.jsonl"):
+        evaluate_model(run, str(d), bootstrap_iters=0, progress=False, device='cpu')
+
+
 def test_suite_table_reference_rows():
     m = {'eval/hellaswag/acc_norm': 0.40, 'eval/hellaswag/acc': 0.1, 'eval/arc_easy/acc_norm': 0.5, 'eval/arc_challenge/acc_norm': 0.3}
     s = suite_scores(m)
@@ -196,7 +204,7 @@ def test_suite_table_reference_rows():
     assert '| HellaSwag | 40.0 | 42.1 | 54.5 |' in t and '| PIQA | – | 68.4 | 71.7 |' in t
 
 
-def test_eval_cli_records_results(run, tmp_path):
+def test_eval_cli_records_results(run, tmp_path, capsys):
     d = write_task(tmp_path/'tasks', 'toy_mc', [{'q': 'the cat sat on the', 'choices': [' mat', ' bone'], 'label': 0},
                                                 {'q': 'a dog ate the', 'choices': [' mat', ' bone'], 'label': 1}], MC)
     d = write_task(d, 'toy_mc2', [{'q': 'paris is', 'choices': [' four', ' the'], 'label': 1}], MC.replace('acc}', 'acc_norm}'))
@@ -218,6 +226,11 @@ def test_eval_cli_records_results(run, tmp_path):
     assert json.loads((tmp_path/'out'/'eval_results.json').read_text())['step'] == 10
     with pytest.raises(ValueError, match='--limit'):
         eval_main(p.parse_args(['--model', str(run), '--tasks', str(d), '--limit', '0']))
+    # through the `smollm` command: an ordinary mistake is one line and exit code 2
+    (tmp_path/'empty').mkdir()
+    capsys.readouterr()
+    assert cli_main(['eval', '--model', str(run), '--tasks', str(tmp_path/'empty')]) == 2
+    assert capsys.readouterr().err.strip() == f"smollm eval: error: tasks: {tmp_path/'empty'} has no task YAML (a file with a top-level 'task: <name>' line)"
 
 
 def test_periodic_eval_on_live_model(run, tmp_path):

@@ -29,16 +29,24 @@ def load_script():
     return mod
 
 
-def test_blocker_really_blocks():
-    p = run_blocked("import importlib.util\nassert importlib.util.find_spec('datasets') is None\n"
-                    "try: import wandb\nexcept ImportError: print('blocked')\n")
-    assert p.returncode == 0, p.stderr
-    assert 'blocked' in p.stdout
+def test_package_and_data_import_without_torch():
+    "The blocker works, and tokenizer worker processes (which import smollm_kit.data) do not pay for torch."
+    p = run_blocked("""
+import importlib.util
+assert importlib.util.find_spec('datasets') is None
+try: import wandb
+except ImportError: print('blocked')
+import smollm_kit, smollm_kit.data
+print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))
+""")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ['blocked', '[]'], p.stdout
 
 
 def test_everything_gpu_check_touches_imports_without_optional_packages():
     p = run_blocked("""
 import importlib, types
+from smollm_kit.generate import generate_ids       # a submodule named like a public function is imported first...
 import smollm_kit
 for m in ['config', 'model', 'monitor', 'optim', 'checkpoint', 'corpus', 'tokenizer', 'data', 'export', 'generate',
           'trainer', 'pretrain']:
@@ -46,37 +54,18 @@ for m in ['config', 'model', 'monitor', 'optim', 'checkpoint', 'corpus', 'tokeni
 from transformers import SmolLM3ForCausalLM
 from torch.profiler import profile
 from torch.utils._python_dispatch import TorchDispatchMode
-assert isinstance(smollm_kit.generate, types.FunctionType), smollm_kit.generate   # the function, not the submodule
+assert isinstance(smollm_kit.generate, types.FunctionType), smollm_kit.generate   # ...the attribute is the function
 assert isinstance(smollm_kit.pretrain, types.FunctionType), smollm_kit.pretrain
+from smollm_kit import generate, load_model, export_hf
+assert generate.__module__ == 'smollm_kit.generate' and load_model.__module__ == 'smollm_kit.export'
 assert smollm_kit.load_config('tiny').model.preset == 'tiny'
+try: smollm_kit.no_such_name
+except AttributeError as e: print('AttributeError', e)
 print('ok', sorted(n for n in BLOCKED if sys.modules.get(n) is not None))
 """)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert 'ok []' in p.stdout
-
-
-def test_package_and_data_import_without_torch():
-    "Tokenizer worker processes import smollm_kit.data: that must not pay for torch."
-    p = run_blocked("import smollm_kit, smollm_kit.data\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip().endswith('[]'), p.stdout
-
-
-def test_lazy_names_are_functions_whatever_the_import_order():
-    p = run_blocked("""
-import types
-from smollm_kit.generate import generate_ids       # the submodule is imported first...
-import smollm_kit.pretrain
-import smollm_kit
-assert isinstance(smollm_kit.generate, types.FunctionType)   # ...the package attribute is still the function
-assert isinstance(smollm_kit.pretrain, types.FunctionType)
-from smollm_kit import generate, load_model, export_hf
-assert generate.__module__ == 'smollm_kit.generate' and load_model.__module__ == 'smollm_kit.export'
-try: smollm_kit.no_such_name
-except AttributeError as e: print('AttributeError', e)
-""")
-    assert p.returncode == 0, p.stderr[-3000:]
     assert "AttributeError module 'smollm_kit' has no attribute 'no_such_name'" in p.stdout
+    assert 'ok []' in p.stdout
 
 
 def test_dry_run_without_optional_packages(tmp_path):

@@ -28,7 +28,8 @@ def test_validation_loss_falls_clearly_below_uniform(run):
     cfg, res, _ = run
     recs, _ = read_metrics(res.run_dir)
     val = [r['val/loss'] for r in recs if 'val/loss' in r]
-    assert res.step == 60 and len(val) == 2
+    assert res.step == 60 and [r['step'] for r in recs if 'val/loss' in r] == [0, 30, 60]   # before training, then every 30
+    assert val[0] > math.log(cfg.model.vocab_size) - 0.5, val                             # a fresh model guesses uniformly
     assert val[-1] < math.log(cfg.model.vocab_size) - 2.0, val   # ln(2048) = 7.62
 
 def test_every_documented_metric_is_logged(run):
@@ -93,7 +94,7 @@ def test_spike_with_rollback_restores_last_checkpoint_and_skips_the_data(tmp_pat
     recs, events = read_metrics(res.run_dir)
     spikes = [e for e in events if e['event'] == 'spike']
     rb = [e for e in events if e['event'] == 'rollback']
-    assert len(spikes) == 1 and spikes[0]['step'] == 25 and spikes[0]['action'] == 'rollback'
+    assert spikes and {e['step'] for e in spikes} == {25} and {e['action'] for e in spikes} == {'rollback'}  # loss and/or grad norm
     assert len(rb) == 1 and rb[0]['step'] == 20 and rb[0]['from_step'] == 25   # back to the step-20 checkpoint
     # steps 21-25 were trained again after the rollback, on the data that came after the bad batch: it never came back
     assert stage.served == [25]

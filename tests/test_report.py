@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from smollm_kit.checkpoint import CheckpointManager
+from smollm_kit.cli import main as cli_main
 from smollm_kit.config import CheckpointConfig, ModelConfig, load_config
 from smollm_kit.export import load_model
 from smollm_kit.generate import encode_prompt, generate_text
@@ -112,8 +113,10 @@ def test_single_run_dir_and_cli(pipe, tmp_path, capsys):
     assert (tmp_path/'rlvr_curves.png').is_file()
 
 
-def test_bad_directories(tmp_path):
+def test_bad_directories(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match='no such directory'): write_report(tmp_path/'missing')
     with pytest.raises(ValueError, match='neither a run directory'): write_report(tmp_path)
     (tmp_path/'run').mkdir(); (tmp_path/'run'/'metrics.jsonl').write_text('{"step": 1, "train/loss": 2}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match='metrics.jsonl:2 is not valid JSON'): write_report(tmp_path/'run')
+    assert cli_main(['report', str(tmp_path)]) == 2  # one line, no traceback
+    assert capsys.readouterr().err.startswith(f"smollm report: error: report: {tmp_path} is neither a run directory")

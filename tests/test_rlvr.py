@@ -1,8 +1,7 @@
 """RLVR: the GRPO-family loss on hand-worked numbers, advantages, verifiers (incl. failures, sandbox limits and a tiny
 reward model), data parsing, the batched sampler, and the stage end to end (metrics, samples, KL, dynamic sampling,
 bit-identical resume mid rollout buffer, and learning a dense reward from scratch)."""
-import json, math, sys, time, types
-from pathlib import Path
+import json, math, time, types
 import pytest, torch
 from smollm_kit.config import load_config, ConfigError, RLVRConfig, ModelConfig, MODEL_PRESETS
 from smollm_kit.monitor import read_metrics
