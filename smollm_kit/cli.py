@@ -88,7 +88,8 @@ def run_stage(stage:str, args)->int:
     "Run one training stage from parsed arguments; exit code 128 + signal (130, 143) when interrupted (after saving)."
     cfg = load_cli_config(args, stage)
     from smollm_kit.rundir import check_run_dir
-    check_run_dir(cfg.run_dir)      # a file, read-only, in use by another run: one line, before any data is loaded
+    if os.environ.get('RANK', '0') == '0':   # rank 0 writes (and locks) the run directory; other ranks would see its lock
+        check_run_dir(cfg.run_dir)           # a file, read-only, in use by another run: one line, before any data is loaded
     fn = getattr(importlib.import_module(f'smollm_kit.{stage}'), stage)
     return fn(cfg, resume=args.resume, force=args.force).exit_code
 

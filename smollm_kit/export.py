@@ -184,7 +184,11 @@ def export_hf(checkpoint_path:str|Path,       # a checkpoint directory or a run 
     cfg = json.loads((out/'config.json').read_text()) | fields    # ... with our fields written out even where default
     (out/'config.json').write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
     save_file(hsd, str(out/'model.safetensors'), metadata={'format': 'pt'})
-    GenerationConfig(**{**ids, 'pad_token_id': ids['pad_token_id'] if ids['pad_token_id'] is not None else ids['eos_token_id']}
+    stops = [ids['eos_token_id']]   # a chat model's reply ends at <|im_end|>: `generate` must stop there too
+    if isinstance(tok.chat_template, str) and (im_end := tok.convert_tokens_to_ids('<|im_end|>')) not in (None, tok.unk_token_id):
+        stops.append(im_end)
+    GenerationConfig(**{**ids, 'eos_token_id': stops if len(stops) > 1 else stops[0],
+                        'pad_token_id': ids['pad_token_id'] if ids['pad_token_id'] is not None else ids['eos_token_id']}
                     ).save_pretrained(str(out))
     tok.model_max_length = mc.max_seq_len
     tok.save_pretrained(str(out))

@@ -252,8 +252,9 @@ class ControlPanel:
         self._syncing, self.running, self._started, self._saved = False, False, None, {}
         self.used, self.lives, self.result, self._widget_mode = {}, {}, None, False
         self.free_gb = None  # free space where checkpoints go; None: measure it (`shutil.disk_usage`)
-        st, lay = {'description_width': '125px'}, W.Layout(width='290px')
-        def mk(cls, key, **kw): return _tip(cls(description=_LABELS[key], style=st, layout=lay, **kw), _TIPS[key])
+        st = {'description_width': '125px'}
+        def mk(cls, key, **kw):  # each widget its own Layout: hiding one (muon_lr under plain AdamW) must not hide all
+            return _tip(cls(description=_LABELS[key], style=st, layout=W.Layout(width='290px'), **kw), _TIPS[key])
         choices = list(_STAGE_CHOICES)
         if stages and stages not in [v for _, v in choices]: choices.append((stages.replace(',', ' + '), stages))
         pipes = list_pipelines() + ([start] if start not in list_pipelines() else [])

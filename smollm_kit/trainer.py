@@ -124,10 +124,10 @@ class TrainResult:
     metrics:dict=field(default_factory=dict)   # the last logged record, with the last val/* merged in
     resumed_from:Optional[int]=None            # step the run resumed from, if it did
     interrupted:bool=False                     # stopped by SIGTERM / KeyboardInterrupt (after saving)
-    signal:Optional[str]=None                  # the signal that stopped it ('SIGINT', 'SIGTERM'), if one did
     stage:str='pretrain'                       # the stage that ran
     first_eval:dict=field(default_factory=dict) # held-out metrics before the first step (for "before -> after")
     key_metric:str='val/loss'                  # the stage's measure of success
+    signal:Optional[str]=None                  # the signal that stopped it ('SIGINT', 'SIGTERM'), if one did
     @property
     def exit_code(self)->int:
         "What the command line exits with: 0 when finished, 128 + the signal number when interrupted (SIGINT 130, SIGTERM 143)."
@@ -422,7 +422,7 @@ class Trainer:
         for e in self.ckpt.pop_events(): self.log({**e, 'step': e.get('step', self.step)})
         self.stage.close(); self.logger.close()
         res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
-                          interrupted, signame, self.stage.name, first_eval, self.stage.key_metric)
+                          interrupted, self.stage.name, first_eval, self.stage.key_metric, signal=signame)
         self.print_summary(res, total)
         return res
 
@@ -435,7 +435,7 @@ class Trainer:
                     if 'event' not in (r := json.loads(line)): last.update(r)
         self.stage.close(); self.logger.close()
         res = TrainResult(self.model, self.tokenizer, self.run_dir, self.step, self.tokens, last, self.resumed_from,
-                          False, None, self.stage.name, {}, self.stage.key_metric)
+                          False, self.stage.name, {}, self.stage.key_metric)
         if self.dist.is_main: print(f"== {self.run_dir}: already complete at step {self.step}/{total} (raise train.max_steps "
                                     "or train.max_tokens to train further)", flush=True)
         self.print_summary(res, total)

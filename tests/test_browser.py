@@ -8,7 +8,7 @@ Needs: apt `chromium`; pip `jupyterlab`, `playwright` (its Python package only: 
 `playwright install`), `ipywidgets>=8` (brings `jupyterlab_widgets`). Skips, saying what is missing, otherwise —
 except where SMOLLM_REQUIRE_BROWSER=1 (CI), where a missing tool fails the test.
 """
-import os, shutil, sys, tempfile, time
+import os, re, shutil, sys, tempfile, time
 from pathlib import Path
 import pytest, yaml
 
@@ -77,7 +77,7 @@ def test_change_widgets_press_start_and_the_run_uses_them():
             wait_for(page, lambda: f'= {NEW_STEPS} optimizer steps' in cell_output_text(page), 60, 'the steps to follow')
             page.screenshot(path=str(shots/'2-changed.png'))
 
-            page.get_by_role('button', name='Start', exact=True).click()
+            page.locator('button.jupyter-button', has_text=re.compile(r'^\s*Start\s*$')).click()
             wait_for(page, lambda: page.locator(PLOT).count() > 0, 300, 'the live plot in the panel')
             page.locator(PLOT).last.scroll_into_view_if_needed()
             page.screenshot(path=str(shots/'3-training.png'))

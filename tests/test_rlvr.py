@@ -270,3 +270,14 @@ def test_reward_rises_on_a_small_seeded_run(tmp_path):
     assert len(r) == 20
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     assert last > first + 0.05 and last > 1.5 * first, r
+
+def test_epochs_budget_counts_rollout_batches():
+    from smollm_kit.rlvr import RLVRStage
+    from smollm_kit.data import load_tokenizer
+    from smollm_kit.sft import ensure_chat_format
+    cfg = load_config('rlvr-tiny', {'train.max_steps': None, 'train.epochs': 1.0, 'rlvr.updates_per_rollout': 2})
+    tok = ensure_chat_format(load_tokenizer(cfg))
+    st = RLVRStage(cfg, SmolLM(cfg.model), tok)
+    # 610 demo problems - 64 held out = 546 prompts; 32 completions / 8 per prompt = 4 prompts per rollout batch
+    assert len(st.train_rows) == 546 and st.P == 4
+    assert st.budget_steps(cfg.train, 1) == math.ceil(546 / 4) * 2 and st.budget_steps(cfg.train, 2) == math.ceil(546 / 8) * 2
