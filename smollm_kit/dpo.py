@@ -17,8 +17,8 @@ from .config import Config, ConfigError, load_config
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'pair_losses', 'reward_sums', 'preference_loss', 'PreferenceDataError', 'BadPair', 'normalize_pair',
            'demo_pair', 'demo_preferences', 'load_preference_records', 'Pair', 'tokenize_pair', 'prepare_pairs',
-           'pair_tokens', 'pack_pairs', 'sequence_logps', 'weights_digest', 'pairs_digest', 'RefLogpCache',
-           'precompute_ref_logps', 'DPOStage', 'dpo_stage', 'dpo']
+           'pair_tokens', 'pack_pairs', 'token_logprobs', 'sequence_logps', 'weights_digest', 'pairs_digest',
+           'RefLogpCache', 'precompute_ref_logps', 'DPOStage', 'dpo_stage', 'dpo']
 
 # %% ../nbs/09_dpo.ipynb #c005
 LOSS_TYPES = ('sigmoid', 'ipo', 'apo_zero', 'apo_down', 'robust')
@@ -268,17 +268,24 @@ def pack_pairs(pairs:list[Pair], # all pairs of the split
             used, nd = used + L, nd + 1
         taken.append(order[i]); lens.append((len(p.chosen), len(p.rejected))); i += 1
     if r < rows: doc[r, used:] = nd
-    real = int((seq >= 0).sum() + sum(2 * (len(pairs[k].prompt) - 1) for k in taken))
     t = lambda a: torch.from_numpy(a)
     return dict(input_ids=t(ids), targets=t(tgt), doc_ids=t(doc), seq_ids=t(seq), pair_idx=torch.tensor(taken, dtype=torch.long),
-                lengths=torch.tensor(lens, dtype=torch.float32).view(-1, 2), n_tokens=real), i
+                lengths=torch.tensor(lens, dtype=torch.float32).view(-1, 2)), i
 
 # %% ../nbs/09_dpo.ipynb #c025
+def token_logprobs(model:nn.Module, input_ids, targets, doc_ids=None)->torch.Tensor:
+    "`model.token_logprobs(...)`; for a DDP wrapper, called *through* DDP's forward so the gradients get all-reduced."
+    if hasattr(model, 'token_logprobs'): return model.token_logprobs(input_ids, targets, doc_ids)
+    inner = model.module                      # DDP runs `module(*inputs)`: point its forward at token_logprobs for this call
+    inner.forward = inner.token_logprobs
+    try: return model(input_ids, targets, doc_ids)
+    finally: del inner.forward
+
 def sequence_logps(model:nn.Module, # a `SmolLM` (or anything with `token_logprobs`)
                    batch:dict,      # from `pack_pairs`
                   )->tuple[torch.Tensor, torch.Tensor]:
     "Summed completion log-probs `(chosen (P,), rejected (P,))` of the P pairs packed in `batch`."
-    lp = model.token_logprobs(batch['input_ids'], batch['targets'], batch['doc_ids'])  # (rows, seq_len) fp32, 0 off-target
+    lp = token_logprobs(model, batch['input_ids'], batch['targets'], batch['doc_ids'])  # (rows, seq_len) fp32, 0 off-target
     seq, P = batch['seq_ids'], batch['pair_idx'].shape[0]
     on = seq >= 0
     sums = lp.new_zeros(2 * P).index_add(0, seq[on], lp[on])
@@ -334,7 +341,7 @@ def _shard_logps(model, pairs, lo:int, hi:int, seq_len:int, rows:int, device)->t
     c, r, pos, order = torch.zeros(hi - lo), torch.zeros(hi - lo), 0, list(range(lo, hi))
     while pos < len(order):
         b, pos = pack_pairs(pairs, order, pos, seq_len, rows)
-        pc, pr = sequence_logps(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        pc, pr = sequence_logps(model, {k: v.to(device) for k, v in b.items()})
         c[b['pair_idx'] - lo], r[b['pair_idx'] - lo] = pc.float().cpu(), pr.float().cpu()
     return c, r
 
@@ -360,10 +367,6 @@ def precompute_ref_logps(model:nn.Module,         # the reference weights
 
 # %% ../nbs/09_dpo.ipynb #c035
 from .trainer import Stage, StageContext, Trainer, TrainResult
-
-def _logprob_model(model:nn.Module)->nn.Module:
-    "The module with `token_logprobs` (under DDP, the wrapped model)."
-    return model if hasattr(model, 'token_logprobs') else model.module
 
 @contextlib.contextmanager
 def _scoring(model:nn.Module, ctx:StageContext):
@@ -418,7 +421,7 @@ class DPOStage(Stage):
         if 'train' in self.ref: b['ref_chosen'], b['ref_rejected'] = (t[b['pair_idx']] for t in self.ref['train'])
         return b
 
-    def tokens(self, batch:dict)->int: return batch['n_tokens']
+    def tokens(self, batch:dict)->int: return batch['input_ids'].numel()   # rows × seq_len: the same on every rank
 
     def budget_steps(self, train_cfg, world_size:int)->int:
         "Optimizer steps for `train.epochs` passes (micro-batches per epoch counted by packing epoch 0's order)."
@@ -472,7 +475,7 @@ class DPOStage(Stage):
 
     # -- loss and evaluation ------------------------------------------------------------------------------------
     def _terms(self, model, batch:dict, split:str):
-        pc, pr = sequence_logps(_logprob_model(model), batch)
+        pc, pr = sequence_logps(model, batch)
         rc, rr = self._ref_logps(batch, split)
         dw, dl = pc - rc.to(pc), pr - rr.to(pr)
         losses = pair_losses(dw, dl, self.dc.beta, self.dc.loss_type, self.dc.label_smoothing, batch['lengths'][:, 0], batch['lengths'][:, 1])
@@ -486,7 +489,7 @@ class DPOStage(Stage):
         tot, n, pos, order = {}, 0, 0, list(range(len(self.val_pairs)))
         while pos < len(order):
             b, pos = pack_pairs(self.val_pairs, order, pos, self.seq_len, self.rows)
-            losses, m = self._terms(ctx.model, {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in b.items()}, 'val')
+            losses, m = self._terms(ctx.model, {k: v.to(ctx.device) for k, v in b.items()}, 'val')
             for k, v in {'loss': losses.sum(), **m}.items(): tot[k] = tot.get(k, 0.0) + float(v)
             n += len(losses)
         return {f'val/{k}': v / n for k, v in tot.items() if not k.startswith('logps')}

@@ -445,10 +445,16 @@ class SmolLM(nn.Module):
                 cache:Optional[KVCache]=None,        # KV cache: the chunk continues the cached tokens (generation)
                 *, weights:Optional[torch.Tensor]=None, # (B, T) per-token loss weights (with targets)
                 reduction:str='mean',                # with targets: 'mean' over targeted tokens, or 'sum'
+                logprobs:bool=False,                 # with targets: return `token_logprobs(...)` instead of a loss
+                return_entropy:bool=False,           # with logprobs: also the next-token entropies
+                temperature:float=1.0,               # with logprobs: of the distribution softmax(logits / temperature)
                 labels=None,                         # refused: see `targets`
-               )->torch.Tensor:
-        "Logits (B, T, vocab_size), or the loss over targeted tokens when `targets` is given."
+               ):
+        "Logits (B, T, vocab_size); the loss over targeted tokens when `targets` is given; or their log-probs with `logprobs`."
         if labels is not None: raise ValueError(_LABELS_ERROR)
+        if logprobs:   # through forward, so a DDP / FSDP wrapper sees the call (gradient sync) exactly as for the loss
+            if targets is None: raise ValueError("logprobs: needs targets (the tokens whose log-probabilities to return)")
+            return self.token_logprobs(input_ids, targets, doc_ids, return_entropy, temperature)
         if reduction not in ('mean', 'sum'): raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
         if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets, cache, weights)
         x = self.hidden(input_ids, doc_ids, cache)
@@ -464,10 +470,13 @@ class SmolLM(nn.Module):
                        targets:torch.Tensor,                # (B, T) next-token targets (already shifted), -100 = ignore
                        doc_ids:Optional[torch.Tensor]=None, # (B, T) document ids
                        return_entropy:bool=False,           # also return the (no-grad) entropy of every next-token distribution
+                       temperature:float=1.0,               # log-probs of softmax(logits / temperature) (RL sampling)
                       ):
         "float32 (B, T) log p(targets[:, t] | prefix), 0 where targets == -100; differentiable and chunked."
         if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets)
+        if temperature <= 0: raise ValueError(f"temperature: must be positive, got {temperature}")
         x = self.hidden(input_ids, doc_ids)
+        if temperature != 1.0: x = x / temperature          # logits / T = (x / T) @ W.T
         lp, ent = ChunkedTokenLogprobs.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten().long(),
                                              self.cfg.loss_chunk_size, compute_dtype(x))
         lp, ent = lp.view(targets.shape), ent.view(targets.shape)

@@ -423,16 +423,19 @@ class ControlPanel:
     def _on_change(self, key:str, stage:str|None=None):
         def handler(change):
             if self._syncing: return
+            late = ''
             if self._started is not None and self._started.get((stage, key) if stage else key) not in (None, change['new']):
                 was = self._started[(stage, key) if stage else key]
                 what = f"{stage} {_LABELS[key]}" if stage else _LABELS[key]
-                run = 'is running' if self.running else 'ran'
-                self._show(f"<span style='color:#a60'><b>{escape(what)}</b> is now {escape(repr(change['new']))}, but the run {run} "
-                           f"with {escape(repr(was))}: a change takes effect when you press <b>Start</b> "
-                           "(stages that finished are skipped: rename the run to train them again).</span>")
-            if key == 'pipeline': self._use_pipeline(change['new'])
+                late = (f"<span style='color:#a60'><b>{escape(what)}</b> is now {escape(repr(change['new']))}, but the run "
+                        f"{'is running' if self.running else 'ran'} with {escape(repr(was))}: a change takes effect when you "
+                        "press <b>Start</b> (stages that finished are skipped: rename the run to train them again).</span>")
+            if key == 'pipeline':
+                default = self.run_name == f"smollm-{Path(change['old']).stem}"  # the default name follows the pipeline
+                self._use_pipeline(change['new'], f"smollm-{Path(change['new']).stem}" if default else None)
             elif key == 'run_name': self._use_run_name()
             else: self._refresh()
+            if late: self._show('<br>'.join(x for x in (self.note.value, late) if x))
         return handler
 
     # -- starting ----------------------------------------------------------------------------------------------------
@@ -453,7 +456,8 @@ class ControlPanel:
 
     def problems(self, force:bool=False)->list[tuple[str, str]]:
         "What stops the run as the widgets describe it: `(kind, message)` with kind 'config', 'resume', 'order' or 'space'."
-        out, cfgs, todo = [], [], self.stages
+        try: out, cfgs, todo = [], [], self.stages
+        except ConfigError as e: return [('config', str(e))]
         for s in todo:
             if s in self._saved and self._saved[s][2]: continue  # finished: skipped
             try: cfg = self.config(s)
@@ -500,8 +504,9 @@ class ControlPanel:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             rows = pipeline(self.preset, self.run_dir, self.stages, self.stage_overrides(), force=force, on_stage=self._on_stage)
-        except ConfigError as e:
-            self._show(f"<b style='color:#b00'>Stopped:</b> {escape(str(e))}", ('new',))
+        except ValueError as e:
+            if not type(e).__module__.startswith('smollm_kit'): raise  # a bug: the traceback is the useful report
+            self._show(f"<b style='color:#b00'>Stopped:</b> {escape(str(e))}", ('new',))  # a user error: one line, and a way out
         finally:
             self.running = False
             for live in self.lives.values(): live.close()
@@ -530,6 +535,8 @@ class ControlPanel:
         self.lives[stage] = live
         cbs = [live]
         if self.mirror_dir:
+            for s in self.plan:  # the stages before this one are finished now: their done markers go to the mirror
+                if s != stage and (self.run_dir/s).is_dir(): sync_mirror(self.run_dir/s, self.mirror_dir/s)
             src, dst = Path(cfg.run.run_dir), self.mirror_dir/stage
             cbs.append(lambda r: sync_mirror(src, dst) if r.get('event') == 'checkpoint' else None)
         return cbs

@@ -203,17 +203,11 @@ def rlvr_data(rcfg, seed:int=0)->tuple[list[dict], list[dict]]:
     return (train[:-rcfg.val_examples], train[-rcfg.val_examples:]) if rcfg.val_examples else (train, [])
 
 # %% ../nbs/10_rlvr.ipynb #r029
-def _unwrap(model): return getattr(model, 'module', model)
-
 def policy_logprobs(model, input_ids:torch.Tensor, targets:torch.Tensor, temperature:float=1.0)->tuple[torch.Tensor, torch.Tensor]:
     "`(log π(target), entropy)` per token, (B, T) fp32, of the model's next-token distribution at `temperature`."
-    m = _unwrap(model)
-    if temperature == 1.0: return m.token_logprobs(input_ids, targets, return_entropy=True)
-    from smollm_kit.model import ChunkedTokenLogprobs, compute_dtype
-    x = m.hidden(input_ids) / temperature                     # (B, T, d_model): logits / T = (x / T) @ W.T
-    lp, ent = ChunkedTokenLogprobs.apply(x.flatten(0, 1), m.lm_head.weight, targets.flatten().long(),
-                                         m.cfg.loss_chunk_size, compute_dtype(x))
-    return lp.view(targets.shape), ent.view(targets.shape)
+    # through the model's forward (not `.module.token_logprobs`), so a DDP / FSDP wrapper syncs the gradients
+    return model(input_ids, targets=targets, logprobs=True, return_entropy=True, temperature=temperature)
+
 
 # %% ../nbs/10_rlvr.ipynb #r030
 def pack_rows(prompts:list[list[int]], completions:list[list[int]], logps:list[torch.Tensor],

@@ -67,6 +67,7 @@ def test_run_survives_losing_the_local_disk_via_the_mirror(runs, monkeypatch):
     assert [e['step'] for e in events if e['event'] == 'resume'] == [4]
     assert [r['step'] for r in recs if 'train/loss' in r] == list(range(1, 7))   # history from the mirror + new steps
 
+@pytest.mark.filterwarnings('ignore:.description_tooltip is deprecated:DeprecationWarning')  # 8.x warns on the 7.x name
 def test_widgets_7x_tooltips_without_the_tooltip_trait(runs, monkeypatch):
     "ipywidgets 7.x has `description_tooltip` and no `tooltip`: the panel builds with the 7.x trait."
     real = W.Widget.has_trait
