@@ -17,13 +17,16 @@ Read them in order to learn how a modern small LM is trained:
 | `02c_data` | sources, a seeded resumable shuffle, domain mixtures, document packing, exact resume |
 | `03_optim` | Muon for matrices, AdamW for the rest, the Warmup-Stable-Decay schedule |
 | `04_checkpoint` | atomic, rotated, mirrored checkpoints that survive `kill -9` |
+| `04a_resume`, `04b_rundir`, `04c_interrupt` | what a run may resume from; one writer per run directory; clean stops on Ctrl-C / `kill` |
 | `05_monitor` | FLOPs, MFU, honest cost, loss-spike detection, `metrics.jsonl` |
 | `06_trainer` | the one loop every stage shares |
+| `06a_distributed` | past one GPU with `torchrun`: DDP or FSDP2, per-rank data positions, distributed Muon |
 | `07_pretrain` | the pretraining stage |
 | `07a_generate`, `07b_export` | KV-cache generation; Hugging Face SmolLM3 export and import |
 | `08_sft` | supervised fine-tuning on chat data: ChatML, assistant-only loss, packed conversations |
 | `09_dpo` | preference tuning: DPO, IPO and APO on packed chosen/rejected pairs |
 | `10_rlvr`, `10a_verifiers` | reinforcement learning with verifiable rewards (GRPO family); the verifiers |
+| `11_pipeline` | pretrain → SFT → DPO/APO → RLVR in one call, each stage starting from the previous |
 | `12_eval`, `13_report` | downstream evaluation with lm-evaluation-harness; the report card of a run |
 | `14_ui`, `15_cli` | the Colab widgets and live plots; the `smollm` command |
 
@@ -51,19 +54,34 @@ A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running
 
 Modules:
 
+- `smollm_kit.checkpoint`: Atomic, verified, rotated, mirrored checkpoints that survive a Colab runtime vanishing mid-write.
+- `smollm_kit.cli`: `smollm <command> --config <preset|yaml> [--set key=value ...]` — the same code as the notebook, from a shell.
 - `smollm_kit.colab`: Where a run lives on Colab (local disk, mirrored to Drive), free-space checks, the pinned install, and the finish line: download.
+- `smollm_kit.config`: Every knob of a training run in one typed, validated, YAML-serialisable object.
 - `smollm_kit.corpus`: The offline demo corpus built from Python's own standard library, and the cache it and trained tokenizers live in.
 - `smollm_kit.data`: Sources, seeded shuffling, domain mixture and packing: an exact, resumable stream of pretraining batches.
+- `smollm_kit.distributed`: Past one GPU with `torchrun`: DDP or FSDP2, every rank's data position and RNG in the checkpoint, one decision for all ranks, and Muon that orthogonalises each matrix once.
+- `smollm_kit.dpo`: Preference tuning: DPO, IPO and APO losses on packed chosen/rejected pairs, with reference log-probs cached in one pass.
 - `smollm_kit.eval`: Downstream evaluation on lm-evaluation-harness: an `lm_eval` adapter over the kit's model (log-likelihoods, rolling perplexity, generation with the KV cache), the small-model suite with reference numbers, and `smollm eval`.
 - `smollm_kit.export`: Write a checkpoint as a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads as SmolLM3, and load SmolLM3 / Llama directories (or our own checkpoints) back into the kit.
 - `smollm_kit.generate`: Sampling from a trained model: a KV cache, batched prompts, greedy / temperature / top-k / top-p, stop conditions, streaming, chat messages, a REPL and the `smollm generate` / `smollm chat` commands.
+- `smollm_kit.interrupt`: Stop between two steps on Ctrl-C or `kill`, exit with the code a scheduler understands, and never leave orphan processes behind.
 - `smollm_kit.liveplot`: One figure per stage, updated in place while it trains: smoothed loss, DPO reward accuracy, RL reward ± std; steps and tokens; the history of a resumed run.
 - `smollm_kit.model`: A SmolLM3-style decoder: RMSNorm, SwiGLU, GQA, hybrid RoPE/NoPE, tied embeddings, document-causal attention behind three interchangeable kernels, a loss that never holds the full fp32 logits, and a KV cache.
+- `smollm_kit.monitor`: FLOPs and MFU, what the hardware costs, loss-spike and NaN detection, and the metrics sinks (metrics.jsonl, W&B).
+- `smollm_kit.optim`: Muon for the matrices inside the blocks, AdamW for everything else, one Warmup-Stable-Decay schedule on top.
 - `smollm_kit.panel`: Widgets that drive a whole pipeline run: stages, per-stage budget, learning rates and batch, with what it will cost, and what cannot apply said in the panel.
 - `smollm_kit.pipeline`: Pretrain → SFT → DPO/APO → RLVR in one call: each stage in its own run directory, each starting from the previous stage's final weights; finished stages are skipped, an interrupted one resumes.
+- `smollm_kit.pretrain`: The first stage: next-token prediction on a packed, mixed corpus.
 - `smollm_kit.report`: The report card of a run or a pipeline: per stage its config, steps, tokens, time, cost, final metrics, curves, downstream evals beside the published SmolLM2 numbers, and sample generations — `report.md` in the run directory.
+- `smollm_kit.resume`: What a run directory may be resumed from, and what may change in between: safe config edits, model shape, broken checkpoints.
+- `smollm_kit.rlvr`: Reinforcement learning with verifiable rewards: sample a group of completions per prompt, score them with a verifier, and push the policy towards the better ones (GRPO, Dr. GRPO, DAPO).
+- `smollm_kit.rundir`: One writer per run directory: a lock file naming its holder, stale locks detected and explained, and the path checked before any heavy work.
+- `smollm_kit.sft`: Supervised fine-tuning on chat data: a ChatML template with generation markers, assistant-only loss, conversations packed best-fit decreasing, an offline demo chat set and held-out answer checks.
 - `smollm_kit.tokenizer`: Byte-level BPE training, the cached demo tokenizer, loading any `AutoTokenizer`, and encoding documents with BOS/EOS.
-- `smollm_kit.ui`: Everything `SmolLM_Colab.ipynb` uses, in one import: the Colab plumbing, the control panel and the live plots."""
+- `smollm_kit.trainer`: One loop for every stage: forward, backward, step, log, evaluate, save — and resume exactly.
+- `smollm_kit.ui`: Everything `SmolLM_Colab.ipynb` uses, in one import: the Colab plumbing, the control panel and the live plots.
+- `smollm_kit.verifiers`: Rewards you can check: a math answer checker, exact match, a format regex, Python unit tests in a sandboxed subprocess, a length penalty, a reward model — and a safe way to combine them."""
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,19 @@
-"""Preference tuning: DPO, IPO and APO losses on packed chosen/rejected pairs, with reference log-probs cached in one pass.
+r"""Preference tuning: DPO, IPO and APO losses on packed chosen/rejected pairs, with reference log-probs cached in one pass.
+
+After SFT the model answers in the chat format; preference tuning teaches it *which* of two answers is better.
+A preference pair is a prompt $x$ with a chosen reply $y_w$ and a rejected one $y_l$. Direct preference
+optimisation needs no reward model: it raises the policy's log-probability of $y_w$ relative to a frozen
+*reference* (the SFT model) and lowers that of $y_l$. Everything is written in terms of
+
+$$\Delta_w = \log \pi_\theta(y_w\mid x) - \log \pi_\text{ref}(y_w\mid x), \qquad
+  \Delta_l = \log \pi_\theta(y_l\mid x) - \log \pi_\text{ref}(y_l\mid x),$$
+
+where each log-probability is a **sum over the completion's tokens only** (the prompt is context, not a target).
+$\beta\Delta$ is the *implicit reward* of a reply; the logged `rewards/*` are these numbers.
+
+This notebook has four parts: the losses (checked against TRL's `DPOTrainer`), the data (Hub, local and an
+offline demo set), packing both replies of a pair into one row so a single forward pass scores both, and the
+stage: reference log-probs precomputed once into a resumable cache, so no second model sits in memory.
 
 Docs: https://smollm-kit.github.io/smollm_kit/dpo.html.md"""
 
@@ -274,12 +289,8 @@ def pack_pairs(pairs:list[Pair], # all pairs of the split
 
 # %% ../nbs/09_dpo.ipynb #c025
 def token_logprobs(model:nn.Module, input_ids, targets, doc_ids=None)->torch.Tensor:
-    "`model.token_logprobs(...)`; for a DDP wrapper, called *through* DDP's forward so the gradients get all-reduced."
-    if hasattr(model, 'token_logprobs'): return model.token_logprobs(input_ids, targets, doc_ids)
-    inner = model.module                      # DDP runs `module(*inputs)`: point its forward at token_logprobs for this call
-    inner.forward = inner.token_logprobs
-    try: return model(input_ids, targets, doc_ids)
-    finally: del inner.forward
+    "`model.token_logprobs(...)`, called *through* the model's forward so a DDP / FSDP wrapper syncs the gradients."
+    return model(input_ids, doc_ids=doc_ids, targets=targets, logprobs=True)
 
 def sequence_logps(model:nn.Module, # a `SmolLM` (or anything with `token_logprobs`)
                    batch:dict,      # from `pack_pairs`

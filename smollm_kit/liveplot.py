@@ -202,7 +202,7 @@ class LivePlot:
             ax.set_title(f"pass@1 (held out): {L('val/pass@1')}")
         elif name == 'completion length':
             self._line(ax, 'train/completion_len', 'tokens', color='C3')
-            ax.set_title(f"completion length: {L('train/completion_len')} tokens")
+            ax.set_title(f"completion length: {_fmt(self.last('train/completion_len'), '.1f')} tokens")
         if ax.get_legend_handles_labels()[0]: ax.legend(loc='best', fontsize=8)
 
     def _fmt_last(self, k): return _fmt(self.last(k), '.3f')
@@ -211,13 +211,14 @@ class LivePlot:
         "The other x quantity (tokens above steps, or steps above tokens) on a secondary axis, from the logged pairs."
         tok = self.series.get('tokens', {})
         steps = sorted(tok)
-        if len(steps) < 2: return
+        if len(steps) < 2: return False
         s, t = np.array(steps, float), np.array([tok[x] for x in steps])
-        if np.any(np.diff(t) <= 0): return
+        if np.any(np.diff(t) <= 0): return False
         f, g = (lambda v: np.interp(v, s, t)), (lambda v: np.interp(v, t, s))
         sec = ax.secondary_xaxis('top', functions=(f, g) if self.x == 'step' else (g, f))
         sec.xaxis.set_major_formatter(FuncFormatter(_si))
-        sec.set_xlabel('tokens' if self.x == 'step' else 'step', fontsize=8); sec.tick_params(labelsize=7)
+        sec.set_xlabel('tokens' if self.x == 'step' else 'step', fontsize=7, labelpad=1); sec.tick_params(labelsize=7)
+        return True
 
     def draw(self):
         "Redraw the figure from the series and update the displayed image (or the widget) in place."
@@ -225,15 +226,16 @@ class LivePlot:
         self.fig.clear(); self.drawn = {}
         names = self.panels()
         rows = math.ceil(len(names) / 2)
-        self.fig.set_size_inches(11, 3.2 * rows)
+        self.fig.set_size_inches(11, 3.4 * rows)
         axes = self.fig.subplots(rows, 2, squeeze=False).ravel()
-        self.fig.subplots_adjust(left=0.07, right=0.97, bottom=0.1 / rows, top=1 - 0.13 / rows, wspace=0.25, hspace=0.6)
+        self.fig.subplots_adjust(left=0.07, right=0.97, bottom=0.16 / rows, top=1 - 0.2 / rows, wspace=0.25, hspace=0.75)
         for ax, name in zip(axes, names):
             self._panel(ax, name)
-            ax.grid(alpha=0.3); ax.set_xlabel(self.x, fontsize=8); ax.title.set_fontsize(10)
+            ax.grid(alpha=0.3); ax.set_xlabel(self.x, fontsize=8)
             if self.x == 'step': ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             else: ax.xaxis.set_major_formatter(FuncFormatter(_si))
-            self._top_axis(ax)
+            top = self._top_axis(ax)
+            ax.set_title(ax.get_title(), fontsize=10, pad=24 if top else 6)  # above the secondary axis' labels
         for ax in axes[len(names):]: ax.set_visible(False)
         buf = io.BytesIO(); self.fig.savefig(buf, format='png')
         self.png, self.n_draws, self._last, self._dirty = buf.getvalue(), self.n_draws + 1, self.clock(), False

@@ -163,7 +163,8 @@ def saved_config(run_dir:str|Path, mirror_dir:str|Path|None=None)->tuple[Optiona
 # %% ../nbs/14b_panel.ipynb #p021
 _LABELS = dict(pipeline='Pipeline', stages='Stages', run_name='Run name', ckpt_minutes='Ckpt every M min',
                keep_last='Keep last ckpts', wandb='W&B logging', usd_per_hour='$ / hour', budget='Budget',
-               muon_lr='Muon LR', adamw_lr='AdamW LR', micro_batch='Micro-batch', grad_accum='Grad accum', seq_len='Seq length')
+               muon_lr='Muon LR', adamw_lr='AdamW LR', micro_batch='Micro-batch', grad_accum='Grad accum', seq_len='Seq length',
+               ckpt_steps='Ckpt every N steps')
 _TIPS = dict(
     pipeline='tiny: CPU demo of all four stages; 135m: SmolLM-135M shape on a 16 GB T4; 600m: the reference recipe (A100/H100).',
     stages='Which stages to run; a later stage starts from the previous stage of this run, which must have finished.',
@@ -176,11 +177,11 @@ _TIPS = dict(
     adamw_lr='AdamW learning rate (norms and embeddings; every parameter for stages using plain AdamW).',
     micro_batch='Rows per forward pass: lower it if memory does not fit.',
     grad_accum='Micro-batches per optimizer step: raise it to keep tokens/step when lowering the micro-batch.',
-    seq_len='Tokens per packed row.')
+    seq_len='Tokens per packed row.', ckpt_steps='Save a checkpoint every N optimizer steps of this stage (0: off).')
 _KEYS = dict(muon_lr='optim.muon_lr', adamw_lr='optim.adamw_lr', micro_batch='train.micro_batch_size',
              grad_accum='train.grad_accum_steps', seq_len='train.seq_len', ckpt_minutes='checkpoint.every_minutes',
-             keep_last='checkpoint.keep_last', wandb='logging.wandb', usd_per_hour='cost.usd_per_hour')
-_STAGE_KEYS = ('budget', 'muon_lr', 'adamw_lr', 'micro_batch', 'grad_accum', 'seq_len')
+             keep_last='checkpoint.keep_last', wandb='logging.wandb', usd_per_hour='cost.usd_per_hour', ckpt_steps='checkpoint.every_steps')
+_STAGE_KEYS = ('budget', 'muon_lr', 'adamw_lr', 'micro_batch', 'grad_accum', 'seq_len', 'ckpt_steps')
 _GLOBAL_KEYS = ('ckpt_minutes', 'keep_last', 'wandb', 'usd_per_hour')
 _STAGE_CHOICES = [('All four stages', 'pretrain,sft,dpo,rlvr'), ('Pretrain only', 'pretrain'), ('SFT only', 'sft'),
                   ('DPO only', 'dpo'), ('RLVR only', 'rlvr')]
@@ -195,7 +196,7 @@ def _stage_values(cfg:Config)->dict:
     "Widget values that show a stage's config."
     o, t = cfg.optim, cfg.train
     return dict(budget=format_budget(cfg), muon_lr=o.muon_lr, adamw_lr=o.adamw_lr, micro_batch=t.micro_batch_size,
-                grad_accum=t.grad_accum_steps, seq_len=t.seq_len)
+                grad_accum=t.grad_accum_steps, seq_len=t.seq_len, ckpt_steps=cfg.checkpoint.every_steps or 0)
 
 def _global_values(cfg:Config, gpu:dict)->dict:
     c = cfg.checkpoint
@@ -205,7 +206,7 @@ def _global_values(cfg:Config, gpu:dict)->dict:
 def _as_overrides(key:str, value)->dict:
     "Config overrides for one widget value."
     if key == 'budget': return parse_budget(value)
-    if key == 'ckpt_minutes': return {_KEYS[key]: value or None}
+    if key in ('ckpt_minutes', 'ckpt_steps'): return {_KEYS[key]: value or None}
     return {_KEYS[key]: value}
 
 def _seq_options(cfg:Config)->list[int]:
@@ -270,11 +271,12 @@ class ControlPanel:
                            adamw_lr=mk(W.BoundedFloatText, 'adamw_lr', min=0, max=10, step=0.0001),
                            micro_batch=mk(W.BoundedIntText, 'micro_batch', min=1, max=4096),
                            grad_accum=mk(W.BoundedIntText, 'grad_accum', min=1, max=4096),
-                           seq_len=mk(W.Dropdown, 'seq_len', options=[2048])) for s in STAGES}
+                           seq_len=mk(W.Dropdown, 'seq_len', options=[2048]),
+                           ckpt_steps=mk(W.BoundedIntText, 'ckpt_steps', min=0, max=10**9)) for s in STAGES}
         self.info = {s: dict(steps=W.HTML(), tps=W.HTML(), estimate=W.HTML(), state=W.HTML()) for s in STAGES}
         self.tabs = W.Tab(children=[W.VBox([self.info[s]['state'], W.HBox([w['budget'], self.info[s]['steps']]),
                                             W.HBox([w['muon_lr'], w['adamw_lr']]), W.HBox([w['micro_batch'], w['grad_accum']]),
-                                            W.HBox([w['seq_len'], self.info[s]['tps']]), self.info[s]['estimate']])
+                                            W.HBox([w['seq_len'], self.info[s]['tps']]), w['ckpt_steps'], self.info[s]['estimate']])
                                     for s, w in self.sw.items()])
         for i, s in enumerate(STAGES): self.tabs.set_title(i, {'pretrain': 'Pretrain', 'sft': 'SFT', 'dpo': 'DPO', 'rlvr': 'RLVR'}[s])
         self.start_button = _tip(W.Button(description='Start', button_style='success', icon='play'),

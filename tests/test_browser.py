@@ -23,6 +23,11 @@ MISSING = missing_tools()
 REQUIRED = os.environ.get('SMOLLM_REQUIRE_BROWSER') == '1'
 pytestmark = pytest.mark.skipif(bool(MISSING) and not REQUIRED, reason=f"browser test needs: {', '.join(MISSING)}")
 
+@pytest.fixture(autouse=True)
+def tools_present():
+    "Reached only when the tools are there or required (CI): then a missing one is a failure that names it."
+    assert not MISSING, f"SMOLLM_REQUIRE_BROWSER=1 but the browser test lacks: {', '.join(MISSING)} (bash .ci/browser-deps)"
+
 PLOT = 'img.widget-image'  # the live plot: from the Start button it is an ipywidgets Image inside the panel
 
 def wait_for(page, cond, timeout:float, what:str, poll:float=0.25):
@@ -40,7 +45,6 @@ def widget_input(page, label:str):
 
 @pytest.mark.slow
 def test_change_widgets_press_start_and_the_run_uses_them():
-    assert not MISSING, f"SMOLLM_REQUIRE_BROWSER=1 but the browser test lacks: {', '.join(MISSING)} (bash .ci/browser-deps)"
     from playwright.sync_api import sync_playwright
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix='smollm-browser-'))
@@ -90,6 +94,26 @@ def test_change_widgets_press_start_and_the_run_uses_them():
             assert (used['max_steps'], used['micro_batch_size']) == (NEW_STEPS, NEW_MICRO), used
             # finished: the stage's settings are now locked (greyed out), and the panel says the run is done
             assert widget_input(page, 'Micro-batch').is_disabled()
+
+            # "Edit, then run from here": a new run name (a new run: the settings unlock) and another micro-batch, then
+            # the training cell itself (Shift+Enter) trains with what the widgets show when it runs.
+            name = widget_input(page, 'Run name')
+            name.fill('second'); name.press('Enter')
+            wait_for(page, lambda: not widget_input(page, 'Micro-batch').is_disabled(), 60, 'the new run to unlock the settings')
+            micro = widget_input(page, 'Micro-batch')
+            micro.fill('2'); micro.press('Enter')
+            wait_for(page, lambda: '= 2 × 2 × 128 = 512 tokens/step' in cell_output_text(page), 60, 'the tokens/step to follow')
+            page.locator('.jp-CodeCell', has_text='panel.start()').locator('.jp-InputPrompt').click()
+            page.keyboard.press('Shift+Enter')
+            second = root/'second'/'pretrain'/'config.yaml'
+            wait_for(page, lambda: second.is_file() and (root/'second'/'pretrain'/'stage_done.json').is_file(), 600, 'the second run to finish')
+            used = yaml.safe_load(second.read_text())['train']
+            assert (used['max_steps'], used['micro_batch_size']) == (NEW_STEPS, 2), used
+            cell = page.locator('.jp-CodeCell', has_text='panel.start()')
+            wait_for(page, lambda: f'pretrain: step {NEW_STEPS} / {NEW_STEPS} (100%)' in cell.locator('.jp-OutputArea').inner_text(),
+                     60, "the training cell's live plot to show the last step")
+            assert cell.locator('.jp-OutputArea-output img').count() == 1, "the training cell's live plot: one image, updated in place"
+            page.screenshot(path=str(shots/'5-second-run.png'))
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - t0:.1f}s; screenshots in {shots}")
