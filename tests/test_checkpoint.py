@@ -324,10 +324,13 @@ def test_permanently_failing_mirror_never_stops_training(tmp_path):
     (tmp_path/'drive').write_text('not a directory: every mirror write fails')
     mgr = mgr_for(tmp_path, keep_last=2, mirror_dir=str(tmp_path/'drive/run'), async_save=True)
     mgr.mirror_retries = 3
-    t0 = time.monotonic()
-    for s in (10, 20, 30): mgr.save(s, {'w': torch.full((10,), float(s))}, {'step': s})
-    assert time.monotonic() - t0 < 5                          # the loop never waited on the mirror
-    assert mgr.wait_for_mirror(timeout=30)
+    gate, mirror_one = threading.Event(), mgr._mirror_one    # hold every mirror copy until the three saves returned
+    mgr._mirror_one = lambda *a: (gate.wait(), mirror_one(*a))[1]
+    saver = threading.Thread(target=lambda: [mgr.save(s, {'w': torch.full((10,), float(s))}, {'step': s}) for s in (10, 20, 30)])
+    saver.start(); saver.join(timeout=120)
+    assert not saver.is_alive(), "save() waited for the (blocked) mirror"  # the loop never waits on the mirror
+    gate.set()
+    assert mgr.wait_for_mirror(timeout=60)
     mgr.save(40, {'w': torch.zeros(10)}, {'step': 40}); assert mgr.wait_for_mirror(timeout=30)
     ev = mgr.pop_events()
     assert [e['step'] for e in ev if e['event'] == 'mirror_failed'] == [10, 20, 30, 40]
