@@ -28,29 +28,62 @@ Read them in order to learn how a modern small LM is trained:
 | `10_rlvr`, `10a_verifiers` | reinforcement learning with verifiable rewards (GRPO family); the verifiers |
 | `11_pipeline` | pretrain → SFT → DPO/APO → RLVR in one call, each stage starting from the previous |
 | `12_eval`, `13_report` | downstream evaluation with lm-evaluation-harness; the report card of a run |
-| `14_ui`, `15_cli` | the Colab widgets and live plots; the `smollm` command |
+| `14a_colab`, `14b_panel`, `14c_liveplot`, `15_cli` | Colab plumbing (Drive, free space, install pin); the control panel; live plots per stage; the `smollm` command |
 
 ## The pipeline
 
 ```
-sources (HF Hub streams | local files | offline demo corpus) → tokenizer → domain mixture → packer
-  → Trainer (Muon+AdamW, WSD, autocast, grad accumulation, clipping)
+sources (HF Hub streams | local files | offline demo data) → tokenizer → mixture / chat template → packer
+  → Trainer: one loop for every stage (Muon+AdamW or AdamW, WSD/cosine, autocast, grad accumulation, clipping,
+             a token-weighted loss normalised over the whole step, DDP / FSDP2 under torchrun)
+      ├─ stages: pretrain (next token) → SFT (assistant tokens) → DPO/APO (pairs, cached reference)
+      │          → RLVR (GRPO / Dr. GRPO / DAPO rollouts scored by verifiers)
       ├─ monitors: loss spikes / NaN, throughput & MFU, cost & ETA, memory
       ├─ metrics.jsonl, W&B (optional), live notebook plots
-      └─ checkpoints: atomic, rotated, mirrored to Drive, exact resume
-  → generate (KV cache) · export (Hugging Face SmolLM3 format)
+      └─ checkpoints: atomic, rotated, mirrored to Drive, locked, exact resume
+  → generate / chat (KV cache) · export (Hugging Face SmolLM3 format) · eval (lm-evaluation-harness) · report
 ```
+
+## The four stages
+
+Each stage is a command with the same config machinery, and starts from the previous stage's weights:
+
+```bash
+smollm pretrain --config tiny --run-dir runs/tiny
+smollm sft --config sft-tiny --init-from runs/tiny --run-dir runs/sft-tiny
+smollm dpo --config dpo-tiny --init-from runs/sft-tiny --run-dir runs/dpo-tiny
+smollm rlvr --config rlvr-tiny --init-from runs/dpo-tiny --run-dir runs/rlvr-tiny
+```
+
+or all four at once, one run directory per stage (`runs/pipe/pretrain`, `runs/pipe/sft`, …); running it again skips
+finished stages and resumes an interrupted one:
+
+```bash
+smollm pipeline --config tiny --run-dir runs/pipe
+smollm report runs/pipe
+```
+
+`smollm chat --model runs/pipe/rlvr` talks to the result, `smollm export --checkpoint runs/pipe/rlvr --out hf-model`
+writes a Hugging Face SmolLM3 directory, and `smollm eval --model … --tasks smol` runs the small-model suite on
+lm-evaluation-harness (`pip install ".[eval]"`). A run stopped by SIGINT/SIGTERM saves a checkpoint and exits
+with 130/143; bad input ends with one line and exit code 2.
 
 ## Presets
 
-| preset | model | batch | budget | for |
+| preset | model | batch (micro × accum × seq) | budget | for |
 |---|---|---|---|---|
 | `tiny` | 4 layers, d 128, 2K vocab | 8 × 2 × 128 | 150 steps | CPU, offline, tests |
-| `pretrain-135m` | SmolLM-135M shape | 8 × 32 × 2048 | 2B tokens | a free Colab T4 |
+| `sft-tiny`, `dpo-tiny`, `rlvr-tiny` | the same | 8 × 2 × 128, 8 × 1 × 256, 16 × 2 × 128 | 2 epochs, 60 steps, 100 steps | CPU, offline demo chats, pairs and arithmetic |
+| `pretrain-135m` | SmolLM-135M shape | 8 × 32 × 2048 | 200M tokens (≈ one free Colab session, estimated) | a free Colab T4 |
+| `sft-135m`, `dpo-135m`, `rlvr-135m` | the same | | smol-smoltalk 1 epoch, UltraFeedback 2 epochs, GSM8K 200 steps | a free Colab T4 |
 | `pretrain` | `smollm-600m` (d 1536, 24 layers, GQA 12/4, NoPE every 4th layer) | 48 × 16 × 2048 ≈ 1.57M tokens | 10B tokens | one 80 GB GPU |
+| `sft`, `dpo`, `rlvr` | the same | 16 × 4 × 2048, 8 × 4 × 2048, 16 × 8 × 1024 | smol-smoltalk 2 epochs, APO-zero 1 epoch, GSM8K 500 steps | one 80 GB GPU |
 
-Any field can be overridden: `smollm pretrain --config tiny --set train.max_steps=20 --set optim.muon_lr=3e-3`.
-A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running the same command again resumes.
+Pipeline presets chain them: `tiny`, `135m`, `600m`. Any field can be overridden:
+`smollm pretrain --config tiny --set train.max_steps=20 --set optim.muon_lr=3e-3` (in a pipeline, `--set
+sft:train.max_steps=20` touches one stage). `smollm config show sft-tiny` prints a resolved config with every field
+documented. A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running the same command again
+resumes.
 
 Modules:
 
