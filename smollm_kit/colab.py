@@ -107,7 +107,7 @@ def install_specs(version:str|None=None, # the kit's version; None: `smollm_kit.
     "What to `pip install`, in order of preference: the release on PyPI, then the repository's tag of the same version."
     if version is None:
         import smollm_kit; version = smollm_kit.__version__
-    return [f'smollm_kit=={version}', f'git+{REPO_URL}@v{version}']
+    return [f'smollm_kit[colab]=={version}', f'smollm_kit[colab] @ git+{REPO_URL}@v{version}']  # [colab]: widgets + W&B
 
 # %% ../nbs/14a_colab.ipynb #a018
 CKPT_BYTES_PER_PARAM = 12  # fp32 weights (4) + AdamW's two fp32 moments (8); Muon keeps one moment, so this is an upper bound

@@ -73,7 +73,7 @@ def test_install_is_pinned_to_this_version_of_the_kit():
     url = tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['urls']['Repository']
     install = code_cells(nbformat.read(NB, as_version=4))[0].source
     assert re.search(r"^KIT_VERSION = '([^']+)'$", install, re.M)[1] == smollm_kit.__version__, "bump KIT_VERSION with __version__"
-    assert "f'smollm_kit=={KIT_VERSION}'" in install and f"f'git+{url}@v{{KIT_VERSION}}'" in install
+    assert "f'smollm_kit[colab]=={KIT_VERSION}'" in install and f"f'smollm_kit[colab] @ git+{url}@v{{KIT_VERSION}}'" in install
     assert 'except ImportError' in install and f'git+{url}\'' not in install
 
 @pytest.mark.skipif(shutil.which('nbdev-clean') is None, reason='nbdev is not installed')
