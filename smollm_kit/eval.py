@@ -303,7 +303,6 @@ def _data_errors()->tuple:
     from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
     return (ConnectionError, FileNotFoundError, DataFilesNotFoundError, DatasetNotFoundError)
 
-def _pick_device(device:str)->str: return ('cuda' if torch.cuda.is_available() else 'cpu') if device in (None, 'auto') else device
 
 def evaluate_model(path_or_model,                   # run dir, checkpoint dir, HF dir, or a `SmolLM`
                    tasks:str|list[str],             # lm-eval task names, 'smol', folders of task YAMLs
@@ -325,12 +324,13 @@ def evaluate_model(path_or_model,                   # run dir, checkpoint dir, H
     _require_lm_eval()
     import lm_eval
     from smollm_kit.export import load_model
+    from smollm_kit.monitor import pick_device
     from smollm_kit.checkpoint import capture_rng, restore_rng
     names, paths = resolve_tasks(tasks)
     tm = task_manager_ or task_manager(paths, names)
     if isinstance(path_or_model, (str, Path)):
         source, step = str(path_or_model), eval_location(path_or_model)[1]
-        model, tok = load_model(path_or_model, device=_pick_device(device))
+        model, tok = load_model(path_or_model, device=pick_device(device))
         tokenizer = tokenizer or tok
         dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
         if dtype == 'auto' and model.device.type == 'cuda' and torch.cuda.is_bf16_supported(): dt = torch.bfloat16

@@ -77,16 +77,9 @@ def find_checkpoint(path:str|Path, # a checkpoint directory or a run directory
 
 # %% ../nbs/07b_export.ipynb #c009
 def param_shapes(mc:ModelConfig)->dict[str, tuple]:
-    "Name → shape of every tensor of a `SmolLM` with config `mc` (our names = HF names without `model.`)."
-    d, hd, f = mc.d_model, mc.head_dim, mc.ffn_dim
-    s = {'embed_tokens.weight': (mc.vocab_size, d)}
-    for i in range(mc.n_layers):
-        s |= {f'layers.{i}.{k}': v for k, v in {
-            'input_layernorm.weight': (d,), 'self_attn.q_proj.weight': (mc.n_heads*hd, d),
-            'self_attn.k_proj.weight': (mc.n_kv_heads*hd, d), 'self_attn.v_proj.weight': (mc.n_kv_heads*hd, d),
-            'self_attn.o_proj.weight': (d, mc.n_heads*hd), 'post_attention_layernorm.weight': (d,),
-            'mlp.gate_proj.weight': (f, d), 'mlp.up_proj.weight': (f, d), 'mlp.down_proj.weight': (d, f)}.items()}
-    return s | {'norm.weight': (d,), 'lm_head.weight': (mc.vocab_size, d)}
+    "Name → shape of every tensor of a `SmolLM` with config `mc` (our names = HF names without `model.`): the model itself, on the meta device."
+    with torch.device('meta'): sd = SmolLM(mc).state_dict()
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 def check_state(sd:dict, mc:ModelConfig, where:str):
     "Raise `ExportError` (prefixed by `where`) unless `sd` has exactly the tensors and shapes `param_shapes(mc)` lists."

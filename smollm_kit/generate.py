@@ -257,8 +257,8 @@ def generate_main(args:argparse.Namespace, # parsed `smollm generate` options (s
     from smollm_kit.export import load_model
     model, tokenizer = load_model(args.checkpoint)
     if tokenizer is None: raise ValueError(f"generate: {args.checkpoint} has no tokenizer to turn text into token ids")
-    device = getattr(args, 'device', None)
-    if device in (None, 'auto'): device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    from smollm_kit.monitor import pick_device
+    device = pick_device(getattr(args, 'device', None))
     model = model.to(device).eval()
     kw = dict(max_new_tokens=getattr(args, 'max_new_tokens', 128), temperature=getattr(args, 'temperature', 0.7),
               top_k=getattr(args, 'top_k', None), top_p=getattr(args, 'top_p', 0.9), seed=getattr(args, 'seed', None),
@@ -298,8 +298,8 @@ def chat_main(args:argparse.Namespace,                    # parsed `smollm chat`
     if not getattr(tokenizer, 'chat_template', None):
         raise ValueError(f"chat: {args.model} has no chat template (a pretrained base model?); fine-tune it with "
                          "`smollm sft`, or use `smollm generate --interactive` to continue text")
-    device = getattr(args, 'device', None)
-    if device in (None, 'auto'): device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    from smollm_kit.monitor import pick_device
+    device = pick_device(getattr(args, 'device', None))
     model = model.to(device).eval()
     interactive(model, tokenizer, input_fn, output, system=getattr(args, 'system', None),
                 max_new_tokens=getattr(args, 'max_new_tokens', 256), temperature=getattr(args, 'temperature', 0.7),

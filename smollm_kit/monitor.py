@@ -15,12 +15,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 import torch
-from .config import Config, ModelConfig, TrainConfig, CostConfig, StabilityConfig
+from .config import Config, ConfigError, ModelConfig, TrainConfig, CostConfig, StabilityConfig
 
 # %% auto #0
 __all__ = ['GPU_TABLE', 'GiB', 'DEFAULT_MFU', 'RESTART_EVENTS', 'param_counts', 'flops_per_token', 'gpu_spec', 'in_colab',
-           'detect_gpu', 'hardware', 'ThroughputMeter', 'CostTracker', 'run_length', 'memory_estimate', 'estimate',
-           'format_estimate', 'StabilityMonitor', 'MetricsLogger', 'read_metrics', 'gpu_memory_gb']
+           'detect_gpu', 'pick_device', 'hardware', 'ThroughputMeter', 'CostTracker', 'run_length', 'memory_estimate',
+           'estimate', 'format_estimate', 'StabilityMonitor', 'MetricsLogger', 'read_metrics', 'gpu_memory_gb']
 
 # %% ../nbs/05_monitor.ipynb #c005
 def param_counts(m:ModelConfig, # model shape
@@ -88,6 +88,15 @@ def detect_gpu(device:Optional[int]=None, # CUDA device index; default the curre
     p = torch.cuda.get_device_properties(i)
     return dict(name=p.name, cuda=True, count=torch.cuda.device_count(), memory_gb=p.total_memory / 2**30,
                 capability=(p.major, p.minor), bf16_native=p.major >= 8)
+
+# %% ../nbs/05_monitor.ipynb #m101
+def pick_device(name:str|None='auto')->torch.device:
+    "Resolve a device name: 'auto' (or None) is CUDA when available, else CPU; asking for CUDA without one is an error."
+    if name in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if str(name).startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
 
 # %% ../nbs/05_monitor.ipynb #c015
 def hardware(cost:CostConfig,    # `cfg.cost`: gpu_name, peak_tflops, usd_per_hour overrides

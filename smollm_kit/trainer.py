@@ -25,13 +25,12 @@ from .rundir import RunLock, check_run_dir
 from .interrupt import GracefulInterrupt, signal_exit_code
 from .distributed import (resolve_parallel, wrap_model, no_sync, agree, gather_objects, distribute_optimizer,
                                     full_model_state, load_model_state, full_optim_state, load_optim_state)
-from .monitor import (MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
+from .monitor import (pick_device, MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
 
 # %% auto #0
-__all__ = ['Stage', 'lm_loss', 'StageContext', 'pick_device', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult',
-           'Trainer']
+__all__ = ['Stage', 'lm_loss', 'StageContext', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer']
 
 # %% ../nbs/06_trainer.ipynb #c005
 class Stage:
@@ -88,13 +87,6 @@ class StageContext:
 
 
 # %% ../nbs/06_trainer.ipynb #c007
-def pick_device(name:str='auto')->torch.device:
-    "Resolve `run.device`: 'auto' is CUDA when available, else CPU."
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name!r} was asked for but CUDA is not available (use 'auto' or 'cpu')")
-    return torch.device(name)
-
 def pick_precision(requested:str, device:torch.device)->str:
     "Resolve `train.precision` to 'bf16', 'fp16' or 'fp32' for `device`."
     if device.type != 'cuda':
