@@ -377,7 +377,7 @@ def precompute_ref_logps(model:nn.Module,         # the reference weights
     return cache.load()
 
 # %% ../nbs/09_dpo.ipynb #c035
-from .trainer import Stage, StageContext, Trainer, TrainResult
+from .trainer import Stage, StageContext, Trainer, TrainResult, run_stage
 
 @contextlib.contextmanager
 def _scoring(model:nn.Module, ctx:StageContext):
@@ -516,11 +516,5 @@ def dpo(cfg:Config|str='dpo-tiny',       # a Config, or a preset name / YAML pat
         force:bool=False,                # resume despite unsafe config changes
        )->TrainResult:
     "Preference-tune the model at `run.init_from` as `cfg` describes; resumes from the run directory's newest checkpoint."
-    from smollm_kit.export import init_model
-    from smollm_kit.trainer import init_distributed, pick_device
-    if not isinstance(cfg, Config): cfg = load_config(cfg)
-    if cfg.run.stage != 'dpo': raise ConfigError(f"run.stage: the dpo stage needs run.stage: dpo, got {cfg.run.stage!r}")
-    dist = init_distributed(pick_device(cfg.run.device))
-    model, tokenizer = init_model(cfg)
-    stage = dpo_stage(cfg, model, tokenizer, dist.rank, dist.world_size)
-    return Trainer(cfg, model, stage, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force, dist=dist).fit()
+    return run_stage(cfg, dpo_stage, 'dpo', callbacks, resume, force)
+

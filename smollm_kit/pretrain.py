@@ -13,8 +13,7 @@ from __future__ import annotations
 import math, torch
 from .config import Config, load_config
 from .data import load_tokenizer, PretrainData
-from .export import init_model
-from .trainer import Trainer, Stage, TrainResult, lm_loss, init_distributed, pick_device
+from .trainer import Stage, TrainResult, lm_loss, run_stage
 
 
 # %% auto #0
@@ -50,9 +49,5 @@ def pretrain(cfg:Config|str='tiny',           # a Config, or a preset name / YAM
              force:bool=False,                # resume despite unsafe config changes
             )->TrainResult:
     "Pretrain a SmolLM as `cfg` describes (from scratch, or from `run.init_from`); resumes from the run directory."
-    if not isinstance(cfg, Config): cfg = load_config(cfg)
-    dist = init_distributed(pick_device(cfg.run.device))
-    model, tokenizer = init_model(cfg)
-    stage = PretrainStage(cfg, tokenizer, dist.rank, dist.world_size)
-    return Trainer(cfg, model, stage, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force, dist=dist).fit()
+    return run_stage(cfg, lambda cfg, model, tok, rank, ws: PretrainStage(cfg, tok, rank, ws), 'pretrain', callbacks, resume, force)
 

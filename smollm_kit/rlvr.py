@@ -34,7 +34,7 @@ from .config import Config, load_config, patch_to
 from .data import DataError
 from .generate import sample_next
 from .sft import ensure_chat_format, render_chat, chat_stop_ids
-from .trainer import Stage, Trainer, TrainResult
+from .trainer import Stage, Trainer, TrainResult, run_stage
 from .verifiers import build_reward
 
 # %% auto #0
@@ -449,8 +449,5 @@ def rlvr(cfg:Config|str='rlvr-tiny',        # a Config, or a preset name / YAML 
          force:bool=False,                  # resume despite unsafe config changes
         )->TrainResult:
     "Optimise a model against verifier rewards as `cfg` describes; starts from `run.init_from`, resumes from the run directory."
-    from smollm_kit.export import init_model
-    if not isinstance(cfg, Config): cfg = load_config(cfg)
-    model, tokenizer = init_model(cfg)
-    stage = rlvr_stage(cfg, model, tokenizer)
-    return Trainer(cfg, model, stage, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force).fit()
+    return run_stage(cfg, rlvr_stage, 'rlvr', callbacks, resume, force)
+

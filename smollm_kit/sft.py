@@ -18,8 +18,7 @@ import numpy as np, torch, torch.nn as nn
 from .config import Config, load_config
 from .data import DataError
 from .generate import chat_stop_ids, generate_ids
-from .trainer import Trainer, Stage, StageContext, TrainResult, init_distributed, pick_device
-from .export import init_model
+from .trainer import Stage, StageContext, TrainResult, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -554,8 +553,5 @@ def sft(cfg:Config|str='sft-tiny',          # a Config, or a preset name / YAML 
         force:bool=False,                  # resume despite unsafe config changes
        )->TrainResult:
     "Fine-tune on chats as `cfg` describes, from `run.init_from` (a pretrained run); resumes from the run directory."
-    if not isinstance(cfg, Config): cfg = load_config(cfg)
-    dist = init_distributed(pick_device(cfg.run.device))
-    model, tokenizer = init_model(cfg)
-    stage = sft_stage(cfg, model, tokenizer, dist.rank, dist.world_size)
-    return Trainer(cfg, model, stage, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force, dist=dist).fit()
+    return run_stage(cfg, sft_stage, 'sft', callbacks, resume, force)
+

@@ -30,7 +30,8 @@ from .monitor import (pick_device, MetricsLogger, StabilityMonitor, ThroughputMe
 
 
 # %% auto #0
-__all__ = ['Stage', 'lm_loss', 'StageContext', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer']
+__all__ = ['Stage', 'lm_loss', 'StageContext', 'pick_precision', 'DistInfo', 'init_distributed', 'TrainResult', 'Trainer',
+           'run_stage']
 
 # %% ../nbs/06_trainer.ipynb #c005
 class Stage:
@@ -469,4 +470,24 @@ class Trainer:
         if 'cost/usd_spent' in m: parts.append(f"cost ${m['cost/usd_spent']:.2f}")
         parts.append(f"checkpoints in {self.run_dir/'checkpoints'}")
         print(', '.join(parts), flush=True)
+
+
+# %% ../nbs/06_trainer.ipynb #t010
+def run_stage(cfg:Config|str,             # a Config, or a preset name / YAML path
+              build:Callable,              # (cfg, model, tokenizer, rank, world_size) -> Stage
+              stage:str,                   # the stage's name: the config's `run.stage` must say the same
+              callbacks:list|None=None,    # each gets every metrics record (live plots)
+              resume:Optional[str]=None,   # override checkpoint.resume: 'auto' | 'always' | 'never'
+              force:bool=False,            # resume despite unsafe config changes
+             )->TrainResult:
+    "Load the config and the initial weights, build the stage for this rank, and train it (resuming if the run dir has checkpoints)."
+    from smollm_kit.config import load_config
+    from smollm_kit.export import init_model
+    if not isinstance(cfg, Config): cfg = load_config(cfg)
+    if cfg.run.stage != stage:
+        raise ConfigError(f"run.stage: this is the {stage} stage, but the config says {cfg.run.stage!r} (use a {stage} preset, or set run.stage: {stage})")
+    dist = init_distributed(pick_device(cfg.run.device))
+    model, tokenizer = init_model(cfg)
+    st = build(cfg, model, tokenizer, dist.rank, dist.world_size)
+    return Trainer(cfg, model, st, tokenizer=tokenizer, callbacks=callbacks, resume=resume, force=force, dist=dist).fit()
 

@@ -302,7 +302,7 @@ def test_epochs_budget_counts_packed_batches(tmp_path):
 
 
 def test_wrong_stage_and_changed_data_are_clear_errors(trained, tmp_path):
-    with pytest.raises(ConfigError, match="run.stage: the dpo stage needs run.stage: dpo"):
+    with pytest.raises(ConfigError, match="run.stage: this is the dpo stage, but the config says .pretrain."):
         dpo(load_config('tiny', {'run.run_dir': str(tmp_path)}))
     res, _ = trained
     import shutil
