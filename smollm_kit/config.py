@@ -136,6 +136,7 @@ class TrainConfig:
     max_steps:Optional[int]=None  # optimizer steps to train (one of max_steps / max_tokens)
     max_tokens:Optional[int]=None # tokens to train on
     epochs:Optional[float]=None   # passes over the stage's training data (post-training stages)
+    max_examples:Optional[int]=None # training examples (conversations, pairs, prompts) to learn from (post-training stages)
     micro_batch_size:int=8        # rows per forward pass
     grad_accum_steps:int=1        # micro-batches per optimizer step
     seq_len:int=2048              # tokens per packed row
@@ -432,8 +433,10 @@ def validate(cfg:Config)->Config:
     for k in ('micro_batch_size','grad_accum_steps','seq_len','eval_batches'):
         _check(getattr(t,k) > 0, f"train.{k}", f"must be positive, got {getattr(t,k)}")
     _check(t.seq_len <= m.max_seq_len, "train.seq_len", f"{t.seq_len} is larger than model.max_seq_len={m.max_seq_len}")
-    _check(t.max_steps is not None or t.max_tokens is not None or t.epochs is not None, "train.max_steps",
-           "set train.max_steps, train.max_tokens or train.epochs")
+    _check(t.max_steps is not None or t.max_tokens is not None or t.epochs is not None or t.max_examples is not None,
+           "train.max_steps", "set train.max_steps, train.max_tokens, train.epochs or train.max_examples")
+    _check(t.max_examples is None or t.max_examples > 0, "train.max_examples", f"must be positive, got {t.max_examples}")
+    _check(t.max_examples is None or cfg.run.stage != 'pretrain', "train.max_examples", "pretraining streams its data: use train.max_steps or train.max_tokens")
     _check(t.epochs is None or t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     _check(t.epochs is None or cfg.run.stage != 'pretrain', "train.epochs", "pretraining streams its data: use train.max_steps or train.max_tokens")
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be positive, got {t.max_steps}")

@@ -434,6 +434,8 @@ class DPOStage(Stage):
 
     def tokens(self, batch:dict)->int: return batch['input_ids'].numel()   # rows × seq_len: the same on every rank
 
+    def num_examples(self)->int: return len(self.pairs)   # preference pairs per epoch (`train.max_examples`)
+
     def budget_steps(self, train_cfg, world_size:int)->int:
         "Optimizer steps for `train.epochs` passes (micro-batches per epoch counted by packing epoch 0's order)."
         o, pos, n = self.order(0), 0, 0

@@ -405,6 +405,9 @@ def step_metrics(self:RLVRStage)->dict:
 def tokens(self:RLVRStage, batch:dict)->int: return batch['n_tokens']
 
 @patch_to(RLVRStage)
+def num_examples(self:RLVRStage)->int: return len(self.train_rows)   # prompts per epoch (`train.max_examples`)
+
+@patch_to(RLVRStage)
 def budget_steps(self:RLVRStage, train_cfg, world_size:int)->Optional[int]:
     "Optimizer steps for `train.epochs` passes over the training prompts."
     if not getattr(train_cfg, 'epochs', None): return None

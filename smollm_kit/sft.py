@@ -505,6 +505,7 @@ class SFTStage(Stage):
                                      report_stats(venc.stats, f"sft.dataset {s.dataset!r} (held-out)")) if w]
         pad = tokenizer.pad_token_id
         self.data = SFTData(enc, t.seq_len, t.micro_batch_size, pad, cfg.run.seed, rank, world_size)
+        self.n_examples = len(enc.ids)                 # conversations per epoch (`train.max_examples`)
         self.val = SFTData(venc, t.seq_len, t.micro_batch_size, pad) if venc.ids else None
         self.examples = [e for e in venc.extra if e][:s.eval_generations]
         self.key_metric = 'val/exact_match' if self.examples else 'val/loss'
@@ -525,6 +526,8 @@ class SFTStage(Stage):
         return model(batch['input_ids'], doc_ids=batch['doc_ids'], targets=t, reduction='sum'), (t != -100).sum(), {}
 
     def tokens(self, batch:dict)->int: return int(batch['input_ids'].numel())
+
+    def num_examples(self)->int: return self.n_examples
 
     def budget_steps(self, train_cfg, world_size:int)->int:
         return math.ceil(train_cfg.epochs * len(self.data) / (train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world_size))

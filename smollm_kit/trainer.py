@@ -48,6 +48,7 @@ class Stage:
     def tokens(self, batch:dict)->int: return int(batch['input_ids'].numel())
     def flops(self, batch:dict, flops_per_token:float)->float: return self.tokens(batch) * flops_per_token  # + reference forwards, rollouts
     def budget_steps(self, train_cfg, world_size:int)->Optional[int]: return None  # steps for `train.epochs`
+    def num_examples(self)->Optional[int]: return None  # training examples in one epoch (for `train.max_examples`)
     def state_dict(self)->dict: return {}
     def load_state_dict(self, sd:dict): pass
     def close(self): pass
@@ -180,12 +181,18 @@ class Trainer:
         return frozen, sources
 
     def _total_steps(self)->int:
-        "Optimizer steps of the run: the first budget reached among max_steps, max_tokens and epochs."
+        "Optimizer steps of the run: the first budget reached among max_steps, max_tokens, epochs and max_examples."
         t, ws, steps = self.cfg.train, self.dist.world_size, []
         if t.max_steps or t.max_tokens: steps.append(run_length(t, ws)[0])
-        if t.epochs:
-            s = self.stage.budget_steps(t, ws)
-            if s is None: raise ConfigError(f"train.epochs: the {self.stage.name} stage cannot count epochs; set train.max_steps")
+        epochs = {'train.epochs': t.epochs}
+        if t.max_examples:    # examples -> a fraction of an epoch, which the stage turns into steps
+            n = self.stage.num_examples()
+            if not n: raise ConfigError(f"train.max_examples: the {self.stage.name} stage cannot count its examples; set train.max_steps")
+            epochs['train.max_examples'] = t.max_examples / n
+        for key, e in epochs.items():
+            if not e: continue
+            s = self.stage.budget_steps(dataclasses.replace(t, epochs=e), ws)
+            if s is None: raise ConfigError(f"{key}: the {self.stage.name} stage cannot count epochs; set train.max_steps")
             steps.append(max(1, s))
         return min(steps)
 

@@ -432,7 +432,7 @@ def test_check_resume_compat():
                                 'model.attn_backend': 'sdpa', 'data.num_workers': 2,
                                 'train.activation_checkpointing': True, 'logging.wandb': True}).to_dict()
     changes = check_resume_compat(old, safe)
-    assert len(changes) == 10 and 'train.max_steps: 150 -> 400 (the WSD decay start moves with it)' in changes
+    assert len(changes) == 10 and 'train.max_steps: 150 -> 400 (the LR schedule stretches or shrinks with it)' in changes
     assert check_resume_compat(old, old) == []
     for k, v in {'model.n_layers': 2, 'data.tokenizer': 'gpt2', 'run.seed': 1, 'train.seq_len': 64,
                  'train.micro_batch_size': 4, 'train.grad_accum_steps': 4, 'train.precision': 'fp32',
@@ -448,5 +448,5 @@ def test_check_resume_compat():
     newer = load_config('tiny').to_dict(); newer['train']['brand_new_knob'] = 1   # unknown fields are unsafe by default
     with pytest.raises(ConfigError, match='train.brand_new_knob: changed'): check_resume_compat(old, newer)
     both = load_config('tiny', {'train.max_steps': 9, 'model.d_model': 64}).to_dict()
-    assert check_resume_compat(old, both, force=True) == ['train.max_steps: 150 -> 9 (the WSD decay start moves with it)',
+    assert check_resume_compat(old, both, force=True) == ['train.max_steps: 150 -> 9 (the LR schedule stretches or shrinks with it)',
                                                           'UNSAFE (forced) model.d_model: 128 -> 64']

@@ -1,3 +1,4 @@
+import dataclasses
 """DPO/APO: the losses against TRL's DPOTrainer, preference data in every supported format, packing, the reference
 log-prob cache (fingerprint, resume after a kill), and the stage end to end through the shared Trainer."""
 import json, math, warnings
@@ -298,6 +299,11 @@ def test_epochs_budget_counts_packed_batches(tmp_path):
     seen = set()
     for _ in range(per_epoch): seen.update(st.next_batch(None)['pair_idx'].tolist())
     assert seen == set(range(len(st.pairs))) and st.epoch == 0      # one epoch visits every pair once
+    # a budget in examples is that fraction of an epoch: half the pairs take half an epoch's steps
+    from smollm_kit.trainer import Trainer
+    half = small(tmp_path/'half', **{'train.max_steps': None, 'train.max_examples': len(st.pairs) // 2, 'train.grad_accum_steps': 2})
+    assert st.num_examples() == len(st.pairs)
+    assert Trainer(half, model, st)._total_steps() == st.budget_steps(dataclasses.replace(half.train, epochs=(len(st.pairs) // 2) / len(st.pairs)), 1)
     st.next_batch(None); assert st.epoch == 1
 
 
