@@ -210,7 +210,8 @@ def _cfg(d, **over):
     base = {'run.run_dir': str(d), 'logging.progress': False, 'logging.every_steps': 1, 'train.max_steps': 4,
             'train.micro_batch_size': 4, 'train.grad_accum_steps': 2, 'train.eval_every': 0,
             'rlvr.max_completion_length': 12, 'rlvr.val_examples': 4, 'rlvr.num_generations': 4,
-            'rlvr.verifier': 'test_rlvr:digit_share', 'optim.adamw_lr': 3e-3, 'checkpoint.every_steps': None}
+            'rlvr.verifier': 'test_rlvr:digit_share', 'optim.adamw_lr': 3e-3, 'checkpoint.every_steps': None,
+            'rlvr.demo_max_operand': 20}   # the prompts these small runs were written for
     return load_config('rlvr-tiny', {**base, **over})
 
 RLVR_KEYS = ['train/reward', 'train/reward_std', 'train/frac_reward_zero_std', 'train/completion_len', 'train/truncated_frac',
@@ -275,7 +276,8 @@ def test_epochs_budget_counts_rollout_batches():
     from smollm_kit.rlvr import RLVRStage
     from smollm_kit.data import load_tokenizer
     from smollm_kit.sft import ensure_chat_format
-    cfg = load_config('rlvr-tiny', {'train.max_steps': None, 'train.epochs': 1.0, 'rlvr.updates_per_rollout': 2})
+    cfg = load_config('rlvr-tiny', {'train.max_steps': None, 'train.epochs': 1.0, 'rlvr.updates_per_rollout': 2,
+                                    'rlvr.demo_max_operand': 20, 'rlvr.val_examples': 64})
     tok = ensure_chat_format(load_tokenizer(cfg))
     st = RLVRStage(cfg, SmolLM(cfg.model), tok)
     # 610 demo problems - 64 held out = 546 prompts; 32 completions / 8 per prompt = 4 prompts per rollout batch
