@@ -293,3 +293,24 @@ def test_encoded_data_is_cached_in_the_run_directory(tmp_path, monkeypatch):
     second = stage()
     assert second.data.fingerprint == first.data.fingerprint and second.stats == first.stats
     assert [e['answer'] for e in second.examples] == [e['answer'] for e in first.examples]
+
+def test_sigkill_then_rerun_is_bit_identical(pretrained, tmp_path):
+    "`kill -9` of `smollm sft` at a random moment after its first checkpoint; the same command again resumes exactly."
+    import os, random, subprocess, sys, time
+    sets = ['train.epochs=null', 'train.max_steps=12', 'checkpoint.every_steps=2', 'checkpoint.every_minutes=null',
+            'train.eval_every=0', 'logging.every_steps=1', 'logging.progress=false', 'train.micro_batch_size=4',
+            'train.grad_accum_steps=1', 'sft.demo_examples=200', 'sft.val_examples=8', 'sft.eval_generations=0']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled', 'HF_HUB_OFFLINE': '1'}
+    def cmd(d): return [sys.executable, '-m', 'smollm_kit.cli', 'sft', '--config', 'sft-tiny', '--init-from', str(pretrained),
+                        '--run-dir', str(d), *[a for s in sets for a in ('--set', s)]]
+    def losses(d): return {r['step']: r['train/loss'] for r in read_metrics(d)[0] if 'train/loss' in r}
+    assert subprocess.run(cmd(tmp_path/'a'), env=env, capture_output=True).returncode == 0
+    p = subprocess.Popen(cmd(tmp_path/'b'), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (tmp_path/'b'/'checkpoints'/'step_00000002'/'manifest.json').exists():
+        assert p.poll() is None, 'the run ended before its first checkpoint'
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.5)); p.kill(); p.wait()
+    killed_at = max(losses(tmp_path/'b'), default=0)
+    assert killed_at < 12, "the run finished before the kill: nothing was tested"
+    assert subprocess.run(cmd(tmp_path/'b'), env=env, capture_output=True).returncode == 0
+    assert losses(tmp_path/'b') == losses(tmp_path/'a') and sorted(losses(tmp_path/'a')) == list(range(1, 13))
