@@ -75,3 +75,34 @@ def test_widgets_7x_tooltips_without_the_tooltip_trait(runs, monkeypatch):
     p = ControlPanel('tiny', overrides=QUICK)
     assert p.w['run_name'].description_tooltip.startswith('Directory name') and p.sw['sft']['budget'].description_tooltip
     assert _tip(W.Text(), 'x').description_tooltip == 'x'
+
+W7_CHECK = '''
+import os, sys, tempfile
+from pathlib import Path
+import ipywidgets as W, yaml
+assert W.__version__.startswith('7.'), W.__version__
+d = Path(tempfile.mkdtemp()); os.environ['SMOLLM_RUN_DIR'] = str(d/'run')
+from smollm_kit.panel import ControlPanel
+p = ControlPanel('tiny', stages='pretrain', overrides={'logging.progress': False, 'train.eval_every': 0, 'logging.every_steps': 1})
+assert not p.w['run_name'].has_trait('tooltip') and p.w['run_name'].description_tooltip   # 7.x: description_tooltip
+p.sw['pretrain']['budget'].value, p.sw['pretrain']['micro_batch'].value = '3 steps', 4
+p.start_button.click()
+used = yaml.safe_load((d/'run'/'pretrain'/'config.yaml').read_text())['train']
+assert (used['max_steps'], used['micro_batch_size']) == (3, 4), used          # the run used what the widgets showed
+assert bytes(p.lives['pretrain']._image_w.value).startswith(b'\\x89PNG')
+p.sw['sft']['grad_accum'].value = 3
+assert 'is now 3' in p.note.value                                               # a late change is said in the panel
+print('ipywidgets', W.__version__, 'ok')
+'''
+
+@pytest.mark.skipif(not os.environ.get('SMOLLM_IPYWIDGETS7') and os.environ.get('SMOLLM_REQUIRE_BROWSER') != '1',
+                    reason="set SMOLLM_IPYWIDGETS7 to a directory holding ipywidgets 7.7 (Colab's version); .ci/run does")
+def test_panel_trains_under_ipywidgets_7(tmp_path):
+    "Colab ships ipywidgets 7.7: the panel builds, Start trains what the widgets show, and a late change is reported."
+    import subprocess, sys
+    w7 = os.environ.get('SMOLLM_IPYWIDGETS7')
+    assert w7 and Path(w7, 'ipywidgets').is_dir(), f"SMOLLM_IPYWIDGETS7={w7!r} holds no ipywidgets (see .ci/run)"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([w7, str(root)]), 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled'}
+    p = subprocess.run([sys.executable, '-c', W7_CHECK], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0 and 'ipywidgets 7.7' in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
