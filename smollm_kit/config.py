@@ -142,6 +142,8 @@ class TrainConfig:
     seq_len:int=2048              # tokens per packed row
     eval_every:int=250            # evaluate every N steps (0: only at the end)
     eval_batches:int=4            # validation micro-batches per domain
+    eval_tasks:list[str]=field(default_factory=list) # lm-eval tasks (names, 'smol', or task-YAML folders) run at every evaluation
+    eval_limit:int=200            # examples per downstream task at each evaluation (a small, fixed subset)
     precision:Literal['auto','bf16','fp16','fp32']='auto' # auto: bf16 on sm80+, fp16+GradScaler on older CUDA, fp32 on CPU
     compile:bool=False            # torch.compile the model
     activation_checkpointing:bool=False # recompute block activations in backward to save memory
@@ -442,6 +444,7 @@ def validate(cfg:Config)->Config:
     _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", f"must be positive, got {t.max_steps}")
     _check(t.max_tokens is None or t.max_tokens > 0, "train.max_tokens", f"must be positive, got {t.max_tokens}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(t.eval_limit > 0, "train.eval_limit", f"must be positive, got {t.eval_limit}")
     for k in ('muon_lr','adamw_lr'): _check(getattr(o,k) > 0, f"optim.{k}", f"learning rate must be > 0, got {getattr(o,k)}")
     _check(o.embed_lr is None or o.embed_lr > 0, "optim.embed_lr", f"learning rate must be > 0, got {o.embed_lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

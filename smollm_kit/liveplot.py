@@ -147,7 +147,8 @@ class LivePlot:
     # -- drawing -------------------------------------------------------------------------------------------------------
     def panels(self)->list[str]:
         "The panels to draw now: the stage's, without the cost panel while nothing is spent (a CPU costs $0)."
-        return [p for p in PANELS.get(self.stage, PANELS['pretrain']) if p != 'cost' or (self.last('cost/usd_spent') or 0) > 0]
+        names = [p for p in PANELS.get(self.stage, PANELS['pretrain']) if p != 'cost' or (self.last('cost/usd_spent') or 0) > 0]
+        return names + (['downstream'] if any(k.startswith('eval/') for k in self.series) else [])   # train.eval_tasks
 
     def _xy(self, key:str):
         d = self.series.get(key, {})
@@ -200,6 +201,10 @@ class LivePlot:
         elif name == 'pass@1':
             self._line(ax, 'val/pass@1', 'val pass@1', marker=True, color='C1'); ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"pass@1 (held out): {L('val/pass@1')}")
+        elif name == 'downstream':
+            for i, k in enumerate(sorted(k for k in self.series if k.startswith('eval/'))[:8]):
+                self._line(ax, k, k[len('eval/'):], marker=True, color=f'C{i}')
+            ax.set_title('downstream tasks (train.eval_tasks, subset)')
         elif name == 'completion length':
             self._line(ax, 'train/completion_len', 'tokens', color='C3')
             ax.set_title(f"completion length: {_fmt(self.last('train/completion_len'), '.1f')} tokens")

@@ -26,7 +26,7 @@ __all__ = ['SAFE_RESUME_CHANGES', 'is_safe_resume_change', 'check_resume_compat'
            'broken_run_error']
 
 # %% ../nbs/04a_resume.ipynb #r005
-SAFE_RESUME_CHANGES = ('train.max_steps', 'train.max_tokens', 'train.max_examples', 'train.eval_every', 'train.eval_batches', 'train.compile',
+SAFE_RESUME_CHANGES = ('train.max_steps', 'train.max_tokens', 'train.max_examples', 'train.eval_every', 'train.eval_batches', 'train.eval_tasks', 'train.eval_limit', 'train.compile',
     'train.activation_checkpointing', 'train.parallel', 'model.attn_backend', 'model.loss_chunk_size', 'model.preset', 'data.num_workers',
     'data.cache_dir', 'run.name', 'run.run_dir', 'run.device', 'logging.*', 'checkpoint.*', 'cost.*', 'stability.*')
 _NOTES = dict.fromkeys(['train.max_steps', 'train.max_tokens', 'train.max_examples'], ' (the LR schedule stretches or shrinks with it)')

@@ -261,8 +261,18 @@ class Trainer:
                     metrics=metrics, events=events)
 
     def evaluate(self)->dict:
-        "The stage's held-out metrics, computed in inference mode."
-        with self.ctx.inference(): return self.stage.evaluate(self.ctx)
+        "The stage's held-out metrics and, on rank 0, the downstream tasks of `train.eval_tasks`, in inference mode."
+        with self.ctx.inference():
+            out = self.stage.evaluate(self.ctx)
+            if self.cfg.train.eval_tasks and self.dist.is_main: out.update(self._downstream()(self.model, self.tokenizer))
+        return out
+
+    def _downstream(self)->Callable:
+        "`eval/<task>/<metric>` of `train.eval_tasks` on `train.eval_limit` examples (lm-eval; built once, on first use)."
+        if getattr(self, '_downstream_fn', None) is None:
+            from smollm_kit.eval import periodic_eval   # the lm-eval harness, only when asked for
+            self._downstream_fn = periodic_eval(self.cfg.train.eval_tasks, self.cfg.train.eval_limit)
+        return self._downstream_fn
 
     # -- state, checkpoints, resume ----------------------------------------------------------------------------------
     def state_dict(self)->dict:

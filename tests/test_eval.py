@@ -242,3 +242,20 @@ def test_periodic_eval_on_live_model(run, tmp_path):
     assert torch.equal(torch.rand(4), want)  # lm-eval's seeding does not leak into the caller's (the trainer's) RNG
     assert set(m) == {'eval/toy_mc/acc'}
     assert m['eval/toy_mc/acc'] == evaluate_model(model, str(d), tokenizer=tok, limit=2, bootstrap_iters=0, progress=False, device='cpu')['metrics']['eval/toy_mc/acc']
+
+
+def test_downstream_eval_during_training_is_logged_and_plotted(tmp_path):
+    "`train.eval_tasks`: every evaluation also runs the tasks on `eval_limit` examples; `eval/*` reach metrics.jsonl and the live plot."
+    from smollm_kit.pretrain import pretrain
+    from smollm_kit.config import load_config
+    from smollm_kit.liveplot import LivePlot
+    from smollm_kit.monitor import read_metrics
+    d = write_task(tmp_path/'tasks', 'toy_mc', [{'q': 'def add(a, b):', 'choices': [' return', ' 7'], 'label': i % 2} for i in range(6)], MC)
+    cfg = load_config('tiny', {'run.run_dir': str(tmp_path/'run'), 'train.max_steps': 4, 'train.eval_every': 2, 'train.eval_batches': 1,
+                               'train.eval_tasks': [str(d)], 'train.eval_limit': 4, 'logging.progress': False})
+    live = LivePlot(cfg, show=False)
+    pretrain(cfg, callbacks=[live])
+    recs, _ = read_metrics(tmp_path/'run')
+    assert [r['step'] for r in recs if 'eval/toy_mc/acc' in r] == [0, 2, 4]       # before training, then at every evaluation
+    assert all(0 <= r['eval/toy_mc/acc'] <= 1 for r in recs if 'eval/toy_mc/acc' in r)
+    assert 'downstream' in live.panels()
