@@ -11,7 +11,6 @@ Docs: https://smollm-kit.github.io/smollm_kit/cli.html.md"""
 # %% ../nbs/15_cli.ipynb #c002
 from __future__ import annotations
 import argparse, importlib, os, sys
-from pathlib import Path
 from .config import load_config, ConfigError
 
 

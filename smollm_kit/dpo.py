@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from tqdm.auto import tqdm
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'pair_losses', 'reward_sums', 'preference_loss', 'PreferenceDataError', 'BadPair', 'normalize_pair',
@@ -377,7 +377,7 @@ def precompute_ref_logps(model:nn.Module,         # the reference weights
     return cache.load()
 
 # %% ../nbs/09_dpo.ipynb #c035
-from .trainer import Stage, StageContext, Trainer, TrainResult, run_stage
+from .trainer import Stage, StageContext, TrainResult, run_stage
 
 @contextlib.contextmanager
 def _scoring(model:nn.Module, ctx:StageContext):

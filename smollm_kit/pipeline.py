@@ -24,10 +24,9 @@ Docs: https://smollm-kit.github.io/smollm_kit/pipeline.html.md"""
 # %% ../nbs/11_pipeline.ipynb #c002
 from __future__ import annotations
 import argparse, importlib, json, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-import yaml
 from .config import Config, ConfigError, load_config, read_yaml, parse_override, PRESET_DIR, _suggest
 from .monitor import read_metrics
 

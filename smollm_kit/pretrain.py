@@ -10,9 +10,9 @@ Docs: https://smollm-kit.github.io/smollm_kit/pretrain.html.md"""
 
 # %% ../nbs/07_pretrain.ipynb #c002
 from __future__ import annotations
-import math, torch
-from .config import Config, load_config
-from .data import load_tokenizer, PretrainData
+import math
+from .config import Config
+from .data import PretrainData
 from .trainer import Stage, TrainResult, lm_loss, run_stage
 
 

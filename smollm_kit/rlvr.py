@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import torch
-from .config import Config, load_config, patch_to
+from .config import Config, patch_to
 from .data import DataError
 from .generate import sample_next
 from .sft import ensure_chat_format, render_chat, chat_stop_ids
-from .trainer import Stage, Trainer, TrainResult, run_stage
+from .trainer import Stage, TrainResult, run_stage
 from .verifiers import build_reward
 
 # %% auto #0

@@ -15,7 +15,7 @@ import ast, bisect, dataclasses, functools, glob, hashlib, importlib.util, json,
 from pathlib import Path
 from typing import Iterable, Optional
 import numpy as np, torch, torch.nn as nn
-from .config import Config, load_config
+from .config import Config
 from .data import DataError
 from .generate import chat_stop_ids, generate_ids
 from .trainer import Stage, StageContext, TrainResult, run_stage
