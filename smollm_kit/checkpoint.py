@@ -6,7 +6,8 @@ checkpoint here obeys four rules:
 
 1. **It is data, never code.** Model tensors go to `model.safetensors`; everything else is a nested state dict saved
    with `torch.save` and read back with `torch.load(weights_only=True)`, which refuses to unpickle anything that
-   is not a tensor or a plain container. Opening a checkpoint somebody sent you cannot run their code.
+   is not a tensor or a plain container; a sharded (FSDP2) checkpoint's index is unpickled with an allow-list.
+   Opening a checkpoint somebody sent you cannot run their code.
 2. **It exists completely or not at all.** Files are written into `checkpoints/.tmp-…`, fsynced, checksummed into
    `manifest.json` (written last), and only then is the directory renamed to `step_00000050`. A rename is atomic,
    so a reader sees either nothing or a whole checkpoint. Deleting works the same way in reverse (rename away, then
@@ -23,6 +24,7 @@ Layout of one checkpoint:
 ```
 <run_dir>/checkpoints/step_00000050/
     model.safetensors   model.state_dict() (tied weights stored once)
+      or dcp/           under FSDP2: the model and optimizer as torch.distributed.checkpoint shards, one file per rank
     state.pt            optimizers, LR schedule, grad scaler, data position, RNG, counters, monitors, ...
     config.yaml         the resolved config
     tokenizer/          AutoTokenizer-loadable files
@@ -52,15 +54,16 @@ from .resume import SAFE_RESUME_CHANGES, check_resume_compat   # re-exported: th
 from .interrupt import GracefulInterrupt                       # re-exported: its home is `interrupt`
 
 # %% auto #0
-__all__ = ['FORMAT', 'CheckpointError', 'CheckpointWriteError', 'DiskFullError', 'capture_rng', 'restore_rng', 'snapshot',
-           'dedupe_tied', 'save_model_state', 'load_model_state', 'file_digest', 'write_manifest', 'read_manifest',
-           'verify_checkpoint', 'load_checkpoint', 'rotation_plan', 'quarantine', 'copy_checkpoint',
-           'CheckpointManager']
+__all__ = ['FORMAT', 'SHARDED', 'CheckpointError', 'CheckpointWriteError', 'DiskFullError', 'capture_rng', 'restore_rng',
+           'snapshot', 'dedupe_tied', 'save_model_state', 'load_model_state', 'file_digest', 'write_manifest',
+           'read_manifest', 'verify_checkpoint', 'is_sharded', 'sharded_shapes', 'load_sharded', 'read_sharded',
+           'load_checkpoint', 'rotation_plan', 'quarantine', 'copy_checkpoint', 'CheckpointManager']
 
 # %% ../nbs/04_checkpoint.ipynb #c004
 _log = logging.getLogger(__name__)
 FORMAT = 'smollm_kit.checkpoint/1'   # manifest format tag; bump when the layout changes
 _STEP_RE = re.compile(r'^step_(\d{8,})$')
+SHARDED = 'dcp'   # sub-directory of a sharded checkpoint: one `torch.distributed.checkpoint` file per rank + `.metadata`
 
 class CheckpointError(ValueError):
     "A checkpoint is missing, incomplete, corrupted or holds something other than data; the message names the file."
@@ -240,8 +243,9 @@ def verify_checkpoint(d:Path,               # checkpoint directory
     m = _STEP_RE.match(d.name)
     if step is None and m: step = int(m.group(1))
     if step is not None and man.get('step') != step: return f"manifest says step {man.get('step')}, expected {step}"
-    for req in ('model.safetensors', 'state.pt'):
-        if req not in man['files']: return f"manifest lists no {req}"
+    if 'state.pt' not in man['files']: return "manifest lists no state.pt"
+    if 'model.safetensors' not in man['files'] and f'{SHARDED}/.metadata' not in man['files']:
+        return f"manifest lists no model.safetensors (nor {SHARDED}/.metadata)"
     for rel, info in man['files'].items():
         p = d/rel
         if not p.is_file(): return f"{rel} is missing"
@@ -254,15 +258,77 @@ def verify_checkpoint(d:Path,               # checkpoint directory
     if cache is not None: cache[str(d)] = sig
     return None
 
+# %% ../nbs/04_checkpoint.ipynb #s001
+_META_OK = {('torch', 'Size'), ('torch.serialization', '_get_layout'), ('pathlib', 'PosixPath'), ('pathlib', 'WindowsPath'),
+            ('pathlib', 'PurePosixPath'), ('collections', 'OrderedDict')}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    "Unpickle a DCP `.metadata` index: DCP's own record classes, torch.Size, dtypes, paths -- anything else is refused."
+    def find_class(self, module:str, name:str):
+        if '.' not in name and ((module, name) in _META_OK or module.startswith('torch.distributed.checkpoint.') or module == 'torch'):
+            obj = super().find_class(module, name)
+            if (module, name) in _META_OK or isinstance(obj, torch.dtype) or (isinstance(obj, type) and obj.__module__ == module): return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
+
+def _reader(d:Path):
+    "A DCP `FileSystemReader` for directory `d` whose `.metadata` goes through the allow-list."
+    from torch.distributed.checkpoint import FileSystemReader
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            try:
+                with open(Path(self.path)/'.metadata', 'rb') as f: md = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                raise CheckpointError(f"{Path(self.path)/'.metadata'}: refused or unreadable ({e})") from None
+            from torch.distributed.checkpoint.metadata import StorageMeta
+            if getattr(md, 'storage_meta', None) is None: md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+    return SafeReader(str(d))
+
+def is_sharded(path:Path)->bool:
+    "Was the checkpoint at `path` written as DCP shards (FSDP2)?"
+    return (Path(path)/SHARDED/'.metadata').is_file()
+
+def sharded_shapes(path:Path, prefix:str='model')->dict[str, torch.Tensor]:
+    "Name -> meta tensor (shape and dtype, no data) of each tensor under `prefix` in the sharded checkpoint at `path`."
+    md, pre = _reader(Path(path)/SHARDED).read_metadata(), prefix + '.'
+    out = {k[len(pre):]: torch.empty(v.size, dtype=v.properties.dtype, device='meta')
+           for k, v in md.state_dict_metadata.items() if k.startswith(pre) and hasattr(v, 'size')}
+    if prefix == 'model': out.update({a: out[k] for a, k in read_manifest(path).get('tied', {}).items() if k in out})
+    return out
+
+def load_sharded(state:dict, path:Path):
+    "Fill `state` (this rank's tensors or DTensor shards) in place from the sharded checkpoint at `path`; a collective when a process group is up."
+    import torch.distributed as dist, torch.distributed.checkpoint as dcp
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')   # one process is what we mean
+        dcp.load(state, storage_reader=_reader(Path(path)/SHARDED), no_dist=alone)
+
+def read_sharded(path:Path, prefix:str='model')->dict[str, torch.Tensor]:
+    "The tensors under `prefix` of the sharded checkpoint at `path`, whole and on the CPU, in this process alone; tied aliases restored."
+    import torch.distributed.checkpoint as dcp
+    shapes = sharded_shapes(path, prefix)
+    tied = {a: k for a, k in read_manifest(path).get('tied', {}).items() if a in shapes} if prefix == 'model' else {}
+    sd = {prefix: {k: torch.empty(t.shape, dtype=t.dtype) for k, t in shapes.items() if k not in tied}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.load(sd, storage_reader=_reader(Path(path)/SHARDED), no_dist=True)
+    out = sd[prefix]
+    for alias, kept in tied.items(): out[alias] = out[kept]
+    return {k: out[k] for k in shapes}
+
+
 # %% ../nbs/04_checkpoint.ipynb #c019
 def load_checkpoint(path:Path,              # a checkpoint directory (`.../step_00000050`)
                     verify:bool=True,       # re-hash every file against the manifest first
                     cache:dict|None=None,   # see `verify_checkpoint`
-                   )->tuple[dict, dict, str|None]:
-    "`(model_state, state, config_yaml)` of the checkpoint at `path`, all tensors on the CPU."
+                    model:bool=True,        # read the model's tensors (False: `model_state` is None)
+                   )->tuple[dict|None, dict, str|None]:
+    "`(model_state, state, config_yaml)` of the checkpoint at `path`, all tensors on the CPU, whole (sharded or not)."
     path = Path(path)
     if verify and (reason := verify_checkpoint(path, full=True, cache=cache)): raise CheckpointError(f"{path}: {reason}")
-    model_state = load_model_state(path/'model.safetensors')
+    model_state = None if not model else read_sharded(path) if is_sharded(path) else load_model_state(path/'model.safetensors')
     try: state = torch.load(path/'state.pt', map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path/'state.pt'}: refused to load a non-data object (weights_only=True): "
@@ -452,9 +518,11 @@ class CheckpointManager:
              tokenizer_dir:str|Path|None=None, # or a directory of tokenizer files to copy
              block:bool=False,            # wait until the checkpoint is complete, even with `async_save`
              manifest_extra:dict|None=None, # extra fields for manifest.json (stage, lineage)
+             sharded:dict|None=None,      # FSDP2: this rank's tensor shards (model, optimizer), written by every rank with DCP
             )->Path:
         "Write a checkpoint atomically (in the background unless `block`), rotate, mirror; its path (complete after `wait()`)."
         t0, final = time.monotonic(), self.dir/f'step_{step:08d}'
+        if sharded is not None: return self._save_sharded(step, sharded, state, config_yaml, tokenizer, block, manifest_extra)
         if self.rank != 0:
             self._last_step, self._last_time = step, t0
             return final
@@ -489,13 +557,49 @@ class CheckpointManager:
         else: job()
         return final
 
+    def _save_sharded(self, step, sharded:dict, state:dict, config_yaml, tokenizer, block:bool, extra:dict|None)->Path:
+        "Every rank writes its shards with DCP into one temporary directory (named by rank 0); rank 0 adds the rest and publishes."
+        import torch.distributed as dist
+        from torch.distributed.checkpoint import FileSystemWriter, save as dcp_save
+        t0, final, tmp, err = time.monotonic(), self.dir/f'step_{step:08d}', None, None
+        if self.rank == 0:
+            try:
+                self.wait()
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.check_space(max(self._last_bytes, _tensor_bytes(sharded) + _tensor_bytes(state)))   # DTensor sizes are global
+                for p in self.dir.glob('.tmp-*'):
+                    if _is_stale(p): shutil.rmtree(p, ignore_errors=True)
+                tmp = self.dir/_tmp_name(final.name)
+                (tmp/SHARDED).mkdir(parents=True)
+                if config_yaml is not None: (tmp/'config.yaml').write_text(config_yaml)
+                if tokenizer is not None: tokenizer.save_pretrained(str(tmp/'tokenizer'))
+            except Exception as e: err = e
+        box = [tmp.name if tmp is not None and err is None else None]
+        if dist.is_available() and dist.is_initialized(): dist.broadcast_object_list(box, src=0)   # the directory every rank writes into
+        if box[0] is None:
+            if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
+            if err is not None: raise err if isinstance(err, CheckpointWriteError) else self._failed(step, err, 0) from err
+            raise CheckpointWriteError(f"{self.dir}: rank 0 could not start the checkpoint of step {step} (its log says why)")
+        tmp = self.dir/box[0]
+        try: dcp_save(sharded, storage_writer=FileSystemWriter(str(tmp/SHARDED)))   # returns once every rank's file and the index are written
+        except Exception as e:
+            if self.rank == 0: shutil.rmtree(tmp, ignore_errors=True)
+            raise self._failed(step, e, _tensor_bytes(sharded)) from e
+        self._last_step, self._last_time = step, t0
+        if self.rank != 0: return final
+        ssnap, _ = snapshot(state, 'state', {}, {}, False)   # a small state: no reused buffers
+        job = partial(self._write, step, tmp, final, None, {}, [], ssnap, time.monotonic() - t0, extra, _tensor_bytes(sharded))
+        if self.async_save and not block: self._future = self._writer.submit(job)
+        else: job()
+        return final
+
     def _write(self, step, tmp:Path, final:Path, msnap, tied, keys, ssnap, stall:float, extra:dict|None=None, need:int=0):
         "The background half of `save`: serialise, fsync, hash, manifest, rename; then rotate and queue the mirror copy."
         t1 = time.monotonic()
         try:
-            save_model_state(tmp/'model.safetensors', msnap, tied, keys)
+            if msnap is not None: save_model_state(tmp/'model.safetensors', msnap, tied, keys)
             torch.save(ssnap, tmp/'state.pt')
-            man = write_manifest(tmp, step, {'tied': tied, **(extra or {})})
+            man = write_manifest(tmp, step, {'tied': tied, **(extra or {})})   # a sharded save passes its tied aliases in `extra`
             _publish(tmp, final)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -614,7 +718,7 @@ class CheckpointManager:
         return [{'step': s, 'path': p, 'location': w} for s, p, w in reversed(self._candidates())
                 if verify_checkpoint(p, full=verify, cache=self._verified) is None]
 
-    def load(self, path:str|Path)->tuple[dict, dict, str|None]:
+    def load(self, path:str|Path, model:bool=True)->tuple[dict|None, dict, str|None]:
         "`(model_state, state, config_yaml)` after verifying `path`; a mirror-only checkpoint is first copied back locally."
         path = Path(path)
         if reason := verify_checkpoint(path, full=True, cache=self._verified): raise CheckpointError(f"{path}: {reason}")
@@ -625,4 +729,4 @@ class CheckpointManager:
                 except OSError as e: warnings.warn(f"could not copy {path} back to {self.dir} ({e}); loading from the mirror")
                 else: self._event(event='restored_from_mirror', step=int(_STEP_RE.match(path.name).group(1)), path=str(path))
             else: path = local
-        return load_checkpoint(path, verify=True, cache=self._verified)
+        return load_checkpoint(path, verify=True, cache=self._verified, model=model)

@@ -16,9 +16,9 @@ from .config import ConfigError
 from .optim import Muon, newton_schulz, muon_lr_mult
 
 # %% auto #0
-__all__ = ['FSDP_UNSUPPORTED', 'world', 'resolve_parallel', 'mixed_precision_policy', 'wrap_model', 'is_fsdp', 'no_sync', 'agree',
-           'gather_objects', 'full_model_state', 'load_model_state', 'full_optim_state', 'load_optim_state',
-           'shard_rows', 'DistMuon', 'distribute_optimizer']
+__all__ = ['world', 'resolve_parallel', 'mixed_precision_policy', 'wrap_model', 'is_fsdp', 'no_sync', 'full_weights', 'agree',
+           'gather_objects', 'load_model_state', 'tied_names', 'sharded_state', 'load_sharded_state',
+           'load_optim_state', 'shard_rows', 'DistMuon', 'distribute_optimizer']
 
 # %% ../nbs/06a_distributed.ipynb #d005
 def world()->tuple[int, int]:
@@ -26,20 +26,13 @@ def world()->tuple[int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-FSDP_UNSUPPORTED = {   # stages that use the live weights outside a lockstep forward, which FSDP2 shards cannot serve
-    'dpo': "its reference pass scores with the live weights on rank 0 alone",
-    'rlvr': "its rollouts generate with the live weights, a different number of tokens on each rank"}
-
 def resolve_parallel(mode:str,        # `train.parallel`: 'auto' | 'ddp' | 'fsdp'
                      world_size:int,  # processes in the run
                      precision:str='fp32', # resolved precision: 'bf16' | 'fp16' | 'fp32'
-                     stage:str='pretrain', # the stage's name
                     )->str:
     "How the model is wrapped: 'none' (one process), 'ddp' or 'fsdp'."
     if mode not in ('auto', 'ddp', 'fsdp'): raise ConfigError(f"train.parallel: expected auto, ddp or fsdp, got {mode!r}")
     if world_size == 1: return 'none'
-    if mode == 'fsdp' and stage in FSDP_UNSUPPORTED:
-        raise ConfigError(f"train.parallel: fsdp does not support the {stage} stage ({FSDP_UNSUPPORTED[stage]}); use ddp")
     if mode == 'fsdp' and precision == 'fp16':
         raise ConfigError("train.parallel: fsdp with fp16 would let ranks disagree on the GradScaler's inf check "
                           "(each sees only its shard); use ddp on fp16 GPUs (T4, V100), or bf16")
@@ -89,6 +82,28 @@ def no_sync(model:nn.Module, # the training model (DDP wrapper, FSDP2 module or 
         return
     yield
 
+# %% ../nbs/06a_distributed.ipynb #d006b
+@contextlib.contextmanager
+def full_weights(model:nn.Module, # the training model (FSDP2-sharded or not)
+                ):
+    "Under FSDP2: every rank holds the whole model for the duration, so forwards need no collective; otherwise nothing."
+    if not is_fsdp(model) or getattr(model, '_smollm_full_weights', False): yield; return
+    from torch.distributed.fsdp import FSDPModule
+    model._get_fsdp_state()._lazy_init()   # the root claims its blocks first: generation may call a block before the root ever ran
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [(s, s._auto_reshard_after_forward, [g.post_forward_mesh_info for g in s._fsdp_param_groups])
+              for s in (m._get_fsdp_state() for m in mods)]   # to put back exactly (the root has its own rule)
+    for m in mods: m.unshard()
+    for m in mods: m.set_reshard_after_forward(False, recurse=False)
+    model._smollm_full_weights = True
+    try: yield
+    finally:
+        model._smollm_full_weights = False
+        for s, auto, infos in before:
+            s._auto_reshard_after_forward = auto
+            for g, info in zip(s._fsdp_param_groups, infos): g.post_forward_mesh_info = info
+        for m in mods: m.reshard()
+
 # %% ../nbs/06a_distributed.ipynb #d008
 def agree(rank0:list[bool],        # decisions rank 0 takes for everyone (save now, skip this step)
           anyone:list[bool]=(),    # decisions any rank may trigger (stop)
@@ -112,29 +127,39 @@ def gather_objects(obj)->Optional[list]:
 # %% ../nbs/06a_distributed.ipynb #d011
 def _dtensor(x)->bool: return hasattr(x, 'full_tensor') and hasattr(x, 'placements')
 
-def full_model_state(model:nn.Module)->dict:
-    "The whole model's state dict (tied weights kept tied); under FSDP2 a collective gathering to rank 0's CPU (others get {})."
-    if not is_fsdp(model): return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if sd and 'lm_head.weight' in sd and getattr(model, 'cfg', None) is not None and getattr(model.cfg, 'tie_embeddings', False):
-        sd['lm_head.weight'] = sd['embed_tokens.weight']     # one tensor, so the checkpoint stores it once
-    return sd
-
 def load_model_state(model:nn.Module, sd:dict):
     "Load a full state dict into `model`, plain or FSDP2-sharded (every rank passes the full `sd`)."
     if not is_fsdp(model): return model.load_state_dict(sd)
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
 
-def _map(x, f):
-    if isinstance(x, dict): return {k: _map(v, f) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_map(v, f) for v in x)
-    return f(x)
+def _parts(opt)->list: return list(getattr(opt, 'optimizers', {'_': opt}).values())
 
-def full_optim_state(sd:dict)->dict:
-    "An optimizer state dict with every DTensor gathered into a full CPU tensor (a collective: call on every rank)."
-    return _map(sd, lambda t: t.full_tensor().cpu() if _dtensor(t) else t)
+def tied_names(model:nn.Module)->dict[str, str]:
+    "{alias: name} of parameters that are another parameter (lm_head.weight -> embed_tokens.weight when tied)."
+    seen, tied = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen: tied[n] = seen[id(p)]
+        else: seen[id(p)] = n
+    return tied
+
+def sharded_state(model:nn.Module, opt)->dict:
+    "This rank's pieces of the model and optimizer state, keyed by parameter name, tensors only, tied weights once: what DCP writes."
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, _parts(opt))
+    for alias in tied_names(model): msd.pop(alias, None)
+    return {'model': msd, 'optim': osd['state']}
+
+def load_sharded_state(model:nn.Module, opt, path):
+    "Load the sharded checkpoint at `path` into `model` and `opt` on every rank (DCP reshards to this layout); hyperparameters stay as configured."
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
+    from .checkpoint import load_sharded
+    msd, osd = get_state_dict(model, _parts(opt))    # the template: this rank's shapes and shards (optimizer state created if new)
+    for alias in tied_names(model): msd.pop(alias, None)
+    sd = {'model': msd, 'optim': osd['state']}
+    load_sharded(sd, path)
+    set_state_dict(model, _parts(opt), model_state_dict=sd['model'], optim_state_dict={'state': sd['optim'], 'param_groups': osd['param_groups']},
+                   options=StateDictOptions(strict=False))   # strict=False: the tied alias is loaded through its twin
 
 def load_optim_state(opt, sd:dict):
     "Load a full optimizer state dict; under FSDP2 each state tensor is then cut back to this rank's shard of its parameter."

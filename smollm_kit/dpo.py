@@ -378,6 +378,7 @@ def precompute_ref_logps(model:nn.Module,         # the reference weights
 
 # %% ../nbs/09_dpo.ipynb #c035
 from .trainer import Stage, StageContext, TrainResult, run_stage
+from .distributed import agree
 
 @contextlib.contextmanager
 def _scoring(model:nn.Module, ctx:StageContext):
@@ -462,23 +463,29 @@ class DPOStage(Stage):
         splits = {'train': self.pairs, 'val': self.val_pairs}
         caches = {s: RefLogpCache(Path(ctx.run_dir)/'ref_logps', s, _fingerprint(self.ref_digest, p, self.tokenizer.chat_template,
                                   self.seq_len, self.rows, ctx.precision), len(p), self.dc.ref_shard_pairs) for s, p in splits.items()}
-        if ctx.rank == 0 and any(c.missing() for c in caches.values()):
-            ref, context = ctx.model, ctx.inference
-            if ctx.step > 0:                              # resumed after training began: the live weights are not the reference
-                from smollm_kit.export import init_model
-                from smollm_kit.sft import ensure_chat_format
-                ref = init_model(self.cfg)[0]
-                ensure_chat_format(self.tokenizer, ref)   # grown like the policy was
-                ref = ref.to(ctx.device)
-                if weights_digest(ref) != self.ref_digest:
-                    raise ConfigError(f"run.init_from: the reference cache in {Path(ctx.run_dir)/'ref_logps'} is incomplete and "
-                                      "the starting weights changed since step 0; restore them or use a new run directory")
-                context = lambda: _scoring(ref, ctx)
-            for s, p in splits.items():
-                precompute_ref_logps(ref, p, caches[s], self.seq_len, self.rows, context, desc=f'reference log-probs ({s})',
-                                     progress=self.cfg.logging.progress)
+        missing = agree([any(c.missing() for c in caches.values())], device=ctx.device)[0]   # rank 0's view, for every rank
+        if missing:
+            with ctx.inference():        # every rank enters: under FSDP2 this gathers the live weights on each
+                if ctx.rank == 0: self._precompute(ctx, splits, caches)
         if ctx.world_size > 1: torch.distributed.barrier()
         self.ref = {s: c.load() for s, c in caches.items()}
+
+    def _precompute(self, ctx:StageContext, splits:dict, caches:dict):
+        "Score every pair with the reference (rank 0): the live weights at step 0, else the starting weights reloaded."
+        ref, context = ctx.model, ctx.inference
+        if ctx.step > 0:                              # resumed after training began: the live weights are not the reference
+            from smollm_kit.export import init_model
+            from smollm_kit.sft import ensure_chat_format
+            ref = init_model(self.cfg)[0]
+            ensure_chat_format(self.tokenizer, ref)   # grown like the policy was
+            ref = ref.to(ctx.device)
+            if weights_digest(ref) != self.ref_digest:
+                raise ConfigError(f"run.init_from: the reference cache in {Path(ctx.run_dir)/'ref_logps'} is incomplete and "
+                                  "the starting weights changed since step 0; restore them or use a new run directory")
+            context = lambda: _scoring(ref, ctx)
+        for s, p in splits.items():
+            precompute_ref_logps(ref, p, caches[s], self.seq_len, self.rows, context, desc=f'reference log-probs ({s})',
+                                 progress=self.cfg.logging.progress)
 
     def _ref_logps(self, batch:dict, split:str)->tuple[torch.Tensor, torch.Tensor]:
         if self.ref_model is None:

@@ -29,7 +29,7 @@ from typing import Optional
 import torch, yaml
 from safetensors.torch import load_file, save_file
 from .config import Config, ModelConfig, CheckpointConfig, ConfigError, from_dict
-from .checkpoint import CheckpointManager, verify_checkpoint, load_model_state
+from .checkpoint import CheckpointManager, verify_checkpoint, load_model_state, is_sharded, read_sharded
 from .model import SmolLM
 
 # %% auto #0
@@ -102,8 +102,8 @@ def read_checkpoint(ckpt:str|Path, # a checkpoint directory (see `find_checkpoin
     if not isinstance(raw.get('model'), dict): raise ExportError(f"{ckpt/'config.yaml'}: no model section")
     try: mc = from_dict(ModelConfig, raw['model'], 'model')
     except ConfigError as e: raise ExportError(f"{ckpt/'config.yaml'}: {e}") from None
-    sd = load_model_state(ckpt/'model.safetensors')
-    check_state(sd, mc, str(ckpt/'model.safetensors'))
+    sd = read_sharded(ckpt) if is_sharded(ckpt) else load_model_state(ckpt/'model.safetensors')   # FSDP2 shards: gathered whole here
+    check_state(sd, mc, str(ckpt/('dcp' if is_sharded(ckpt) else 'model.safetensors')))
     return mc, sd
 
 # %% ../nbs/07b_export.ipynb #c014

@@ -465,7 +465,7 @@ class SmolLM(nn.Module):
         if labels is not None: raise ValueError(_LABELS_ERROR)
         if logprobs:   # through forward, so a DDP / FSDP wrapper sees the call (gradient sync) exactly as for the loss
             if targets is None: raise ValueError("logprobs: needs targets (the tokens whose log-probabilities to return)")
-            return self.token_logprobs(input_ids, targets, doc_ids, return_entropy, temperature)
+            return self._token_logprobs(input_ids, targets, doc_ids, return_entropy, temperature)   # not the FSDP2-registered method: one forward, not two nested
         if reduction not in ('mean', 'sum'): raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
         if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets, cache, weights)
         x = self.hidden(input_ids, doc_ids, cache)
@@ -484,6 +484,9 @@ class SmolLM(nn.Module):
                        temperature:float=1.0,               # log-probs of softmax(logits / temperature) (RL sampling)
                       ):
         "float32 (B, T) log p(targets[:, t] | prefix), 0 where targets == -100; differentiable and chunked."
+        return self._token_logprobs(input_ids, targets, doc_ids, return_entropy, temperature)
+
+    def _token_logprobs(self, input_ids, targets, doc_ids=None, return_entropy=False, temperature=1.0):
         if not torch.compiler.is_compiling(): check_inputs(self.cfg, input_ids, doc_ids, targets)
         if temperature <= 0: raise ValueError(f"temperature: must be positive, got {temperature}")
         x = self.hidden(input_ids, doc_ids)

@@ -19,12 +19,12 @@ import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
 from .config import Config, ConfigError, save_config
 from .optim import build_optimizer, lr_factor
-from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng
+from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng, is_sharded, sharded_shapes
 from .resume import check_resume_compat, check_model_fits, broken_run_error
 from .rundir import RunLock, check_run_dir
 from .interrupt import GracefulInterrupt, signal_exit_code
-from .distributed import (resolve_parallel, wrap_model, no_sync, agree, gather_objects, distribute_optimizer,
-                                    full_model_state, load_model_state, full_optim_state, load_optim_state)
+from .distributed import (resolve_parallel, wrap_model, no_sync, agree, gather_objects, distribute_optimizer, full_weights,
+                                    is_fsdp, load_model_state, load_optim_state, tied_names, sharded_state, load_sharded_state)
 from .monitor import (pick_device, MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
@@ -76,13 +76,13 @@ class StageContext:
 
     @contextlib.contextmanager
     def inference(self):
-        "Eval mode, no grad, autocast, uncompiled blocks; restores the training mode afterwards."
+        "Eval mode, no grad, autocast, uncompiled blocks, whole weights under FSDP2 (every rank enters); restores training mode afterwards."
         m, was_training = self.model, self.model.training
         compiled = [(mod, mod._compiled_call_impl) for mod in m.modules() if getattr(mod, '_compiled_call_impl', None) is not None]
         for mod, _ in compiled: mod._compiled_call_impl = None
         m.eval()
         try:
-            with torch.no_grad(), self.autocast(): yield m
+            with torch.no_grad(), self.autocast(), full_weights(m): yield m
         finally:
             for mod, f in compiled: mod._compiled_call_impl = f
             m.train(was_training)
@@ -155,7 +155,7 @@ class Trainer:
         self.lineage = getattr(model, 'init_lineage', None)   # set by `init_model` when started from other weights
         if cfg.train.activation_checkpointing: self.model.set_activation_checkpointing(True)
         self.frozen, self.frozen_sources = self._freeze(stage.frozen_models())
-        self.parallel = resolve_parallel(cfg.train.parallel, self.dist.world_size, self.precision, stage.name)
+        self.parallel = resolve_parallel(cfg.train.parallel, self.dist.world_size, self.precision)
         self.train_model = self._wrap(self.model)          # before the optimizer: FSDP2 swaps parameters for shards
         self.opt = distribute_optimizer(build_optimizer(self.model, cfg.optim))
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16')
@@ -281,34 +281,39 @@ class Trainer:
                     stability=self.stability.state_dict(), stage=self.stage.name, frozen=self.frozen_sources,
                     lineage=self.lineage or {})
 
-    def load_state_dict(self, sd:dict, keep:tuple=()):
-        "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
+    def _check_world_size(self, sd:dict):
         if (ws := sd.get('world_size', 1)) != self.dist.world_size:
             raise ConfigError(f"world size: the checkpoint was written by {ws} rank(s) and this run has {self.dist.world_size}; each rank's "
                               f"data position and RNG cannot be remapped exactly -- relaunch with {ws} process(es), or start a new run "
-                              f"from these weights with --init-from")
+                              f"from these weights with --init-from (weights reshard to any world size)")
+
+    def load_state_dict(self, sd:dict, keep:tuple=()):
+        "Restore from `sd`, except the parts named in `keep` ('data', 'cost'), which stay as they are now."
+        self._check_world_size(sd)
         mine = sd['ranks'][self.dist.rank] if 'ranks' in sd else sd   # this rank's data position and RNG
         self.step, self.tokens = sd['step'], sd['tokens']
-        load_optim_state(self.opt, sd['optim'])
+        if 'optim' in sd: load_optim_state(self.opt, sd['optim'])     # else: a sharded checkpoint, loaded with the model
         if 'data' not in keep: self.stage.load_state_dict(mine['stage_state'])
         if 'cost' not in keep: self.cost.load_state_dict(sd['cost'])
         if sd.get('scaler'): self.scaler.load_state_dict(sd['scaler'])
         restore_rng(mine['rng']); self.stability.load_state_dict(sd['stability'])
 
-    def full_state(self)->tuple[dict, dict]:
-        "(model state, trainer state) as one process holds them; with several ranks a collective: rank 0 gets every rank's data position and RNG."
+    def checkpoint_state(self)->tuple[Optional[dict], dict, Optional[dict]]:
+        "(model state, trainer state, DCP shards) to save; with several ranks a collective giving rank 0 every rank's data position and RNG."
         sd = self.state_dict()
-        if self.dist.world_size == 1: return self.model.state_dict(), sd
-        sd['optim'] = full_optim_state(sd['optim'])
+        if self.dist.world_size == 1: return self.model.state_dict(), sd, None
         sd.update(ranks=gather_objects({'stage_state': sd['stage_state'], 'rng': sd['rng']}), world_size=self.dist.world_size)
-        return full_model_state(self.model), sd
+        if not is_fsdp(self.model): return self.model.state_dict(), sd, None    # DDP: every replica is the whole model
+        sd.pop('optim')                                                        # FSDP2: model and optimizer go as shards
+        return None, sd, sharded_state(self.model, self.opt)
 
     def save(self, reason:str='periodic')->Optional[Path]:
-        "Write a checkpoint (rank 0 writes; every rank takes part) and log it."
+        "Write a checkpoint (every rank takes part; rank 0 writes all but FSDP2's shards) and log it."
         t0 = time.perf_counter()
         extra = {'stage': self.stage.name, **({'lineage': self.lineage} if self.lineage else {})}
-        model_state, state = self.full_state()
-        path = self.ckpt.save(self.step, model_state, state, tokenizer=self.tokenizer,
+        model_state, state, shards = self.checkpoint_state()
+        if shards is not None: extra['tied'] = tied_names(self.model)
+        path = self.ckpt.save(self.step, model_state, state, tokenizer=self.tokenizer, sharded=shards,
                               config_yaml=yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), manifest_extra=extra)
         self.saved_step = self.step
         if not self.dist.is_main: return None
@@ -328,20 +333,27 @@ class Trainer:
             if self.ckpt.invalid: raise broken_run_error(self.run_dir, self.ckpt.invalid)   # never restart over a broken run
             if self.resume_mode == 'always': raise ConfigError(f"checkpoint.resume: always, but {self.run_dir} has no valid checkpoint")
             return None
-        model_state, state, config_yaml = self.ckpt.load(latest)
+        sharded = is_sharded(latest)
+        model_state, state, config_yaml = self.ckpt.load(latest, model=not sharded)
         if state.get('stage', self.stage.name) != self.stage.name:
             raise ConfigError(f"run.stage: {self.run_dir} holds a {state['stage']} run, and this is {self.stage.name}; "
                               f"use another --run-dir (and --init-from {self.run_dir} to start from its weights)")
         changes = check_resume_compat(yaml.safe_load(config_yaml), self.cfg.to_dict(), force=self.force) if config_yaml else []
-        check_model_fits(model_state, self.model.state_dict(), latest)
+        check_model_fits(sharded_shapes(latest) if sharded else model_state, self.model.state_dict(), latest)
         for old, new in self.ckpt.quarantine_invalid():   # newer but invalid: renamed aside so no save replaces them
             print(f"checkpoint {old.name} is invalid: kept as {new.name}; resuming from {latest.name}", flush=True)
         if changes and self.dist.is_main: print("config changed since the checkpoint: " + '; '.join(changes), flush=True)
-        load_model_state(self.model, model_state)
+        self._load_weights(latest, model_state, state)
         self.load_state_dict(state)
         self.resumed_from = self.saved_step = self.step
         self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
         return self.step
+
+    def _load_weights(self, path:Path, model_state:Optional[dict], state:dict):
+        "The model (and, from shards, the optimizer) of the checkpoint at `path`; resharded to this layout."
+        self._check_world_size(state)             # before any collective
+        if model_state is None: load_sharded_state(self.model, self.opt, path)   # every rank reads the pieces it now holds
+        else: load_model_state(self.model, model_state)
 
     def rollback(self)->bool:
         "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
@@ -350,8 +362,8 @@ class Trainer:
         latest = self.ckpt.latest_valid()
         if latest is None: return False
         bad_step = self.step
-        model_state, state, _ = self.ckpt.load(latest)
-        load_model_state(self.model, model_state)
+        model_state, state, _ = self.ckpt.load(latest, model=not is_sharded(latest))
+        self._load_weights(latest, model_state, state)
         self.load_state_dict(state, keep=('data', 'cost'))
         self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})
         return True

@@ -66,7 +66,8 @@ def worker(scenario, out):
     if scenario == 'suite':
         r = run(out/'ddp', Toy(rank, ws))                                         # (a)
         res['ddp_same'] = same_everywhere(r.model)
-        run(out/'fsdp', Toy(rank, ws), **{'train.parallel': 'fsdp'})              # (b)
+        run(out/'fsdp', Toy(rank, ws), **{'train.parallel': 'fsdp', 'checkpoint.mirror_dir': str(out/'fsdp_mirror'),   # (b)
+                                          'checkpoint.keep_last': 1})
         if rank == 0:                                                            # (d) the other layout resumes each run
             for a, b in (('ddp', 'ddp2fsdp'), ('fsdp', 'fsdp2ddp')): shutil.copytree(out/a, out/b)
         dist.barrier()
@@ -81,10 +82,22 @@ def worker(scenario, out):
         scaler.step(opt); scaler.update()
         scales = [None] * ws; dist.all_gather_object(scales, scaler.get_scale())
         res['scaler'] = {'scales': scales, 'unchanged': torch.equal(lin.weight.detach(), w0) and same_everywhere(lin)}
-    if scenario in ('suite', 'kill'):                                            # (c)
-        torch.manual_seed(0); cfg = cfg_for(out/scenario, **{'train.max_steps': 20, 'checkpoint.every_steps': 3})
+    for name in (['suite', 'suite_fsdp'] if scenario == 'suite' else [scenario] if scenario.startswith('kill') else []):   # (c)
+        par = {'train.parallel': 'fsdp'} if name.endswith('fsdp') else {}
+        torch.manual_seed(0); cfg = cfg_for(out/name, **{'train.max_steps': 20, 'checkpoint.every_steps': 3, **par})
         model = SmolLM(cfg.model); torch.manual_seed(100 + rank)
-        Trainer(cfg, model, Toy(rank, ws, draw=True, sleep=0.03 if scenario == 'kill' else 0)).fit()
+        Trainer(cfg, model, Toy(rank, ws, draw=True, sleep=0.03 if name.startswith('kill') else 0)).fit()
+    if scenario == 'stages':                     # DPO and RLVR under DDP and FSDP2: precompute on rank 0, rollouts of any length
+        from smollm_kit.dpo import dpo
+        from smollm_kit.rlvr import rlvr
+        quiet = {'logging.progress': False, 'logging.every_steps': 1, 'train.max_steps': 2, 'train.eval_every': 1}
+        for par in ('ddp', 'fsdp'):
+            dpo(load_config('dpo-tiny', {'run.run_dir': str(out/f'dpo_{par}'), 'dpo.demo_pairs': 120, 'train.seq_len': 128,
+                                         'train.parallel': par, **quiet}))
+            rlvr(load_config('rlvr-tiny', {'run.run_dir': str(out/f'rlvr_{par}'), 'train.micro_batch_size': 4, 'train.grad_accum_steps': 1,
+                                           'rlvr.num_generations': 4, 'rlvr.max_completion_length': 12, 'rlvr.val_examples': 4,
+                                           'rlvr.verifier': 'test_rlvr:digit_share', 'optim.adamw_lr': 3e-3,   # a dense reward: gradients to compare
+                                           'train.parallel': par, **quiet}))
     if rank == 0: (out/f'{scenario}.json').write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -141,10 +154,12 @@ def test_grad_scaler_agrees_under_ddp(suite):
     _, res = suite
     assert res['scaler']['scales'] == [8.0, 8.0] and res['scaler']['unchanged']
 
-def test_sigkill_all_ranks_then_resume_is_bit_identical(suite):
+@pytest.mark.parametrize('kill,ref', [('kill', 'suite'), ('kill_fsdp', 'suite_fsdp')])
+def test_sigkill_all_ranks_then_resume_is_bit_identical(suite, kill, ref):
+    "DDP (rank 0 writes one file) and FSDP2 (every rank writes its shards): kill -9 anywhere, rerun, same floats."
     out, _ = suite
-    p = launch('kill', out, start_new_session=True)
-    ck = out/'kill'/'checkpoints'
+    p = launch(kill, out, start_new_session=True)
+    ck = out/kill/'checkpoints'
     t0 = time.monotonic()
     while not (ck/'step_00000003').exists():
         assert p.poll() is None and time.monotonic() - t0 < 120, p.stdout.read()[-3000:] if p.poll() is not None else 'timeout'
@@ -152,17 +167,61 @@ def test_sigkill_all_ranks_then_resume_is_bit_identical(suite):
     time.sleep(random.uniform(0, 0.3))
     os.killpg(p.pid, signal.SIGKILL); p.wait()
     assert not (ck/'step_00000020').exists(), "the run finished before the kill: nothing was tested"
-    p = launch('kill', out); log = p.communicate(timeout=180)[0]
+    p = launch(kill, out); log = p.communicate(timeout=180)[0]
     assert p.returncode == 0, log[-3000:]
-    ref, got = losses(out/'suite'), losses(out/'kill')
+    ref, got = losses(out/ref), losses(out/kill)
     assert sorted(got) == sorted(ref) == list(range(1, 21))
     assert got == ref                # bit-identical floats, every step
-    assert any(json.loads(l).get('event') == 'resume' for l in (out/'kill'/'metrics.jsonl').read_text().splitlines())
+    assert any(json.loads(l).get('event') == 'resume' for l in (out/kill/'metrics.jsonl').read_text().splitlines())
 
-def test_other_world_size_is_refused(suite):
+def test_fsdp2_writes_shards_that_reshard_to_one_process(suite):
+    "Every rank wrote its own DCP file; mirror and rotation treat the checkpoint like any other; one process reads model and optimizer back whole."
+    from smollm_kit.checkpoint import is_sharded, load_checkpoint, verify_checkpoint
+    from smollm_kit.distributed import load_sharded_state
+    from smollm_kit.optim import build_optimizer
     out, _ = suite
-    cfg = cfg_for(out/'suite', **{'train.max_steps': 20, 'checkpoint.every_steps': 3})
-    with pytest.raises(ConfigError, match='written by 2 rank'):
+    steps = lambda d: sorted(p.name for p in (d/'checkpoints').glob('step_*'))
+    assert steps(out/'fsdp') == steps(out/'fsdp_mirror') == [f'step_{STEPS:08d}']          # keep_last 1, here and on the mirror
+    for ck in (out/'fsdp'/'checkpoints'/f'step_{STEPS:08d}', out/'fsdp_mirror'/'checkpoints'/f'step_{STEPS:08d}'):
+        assert is_sharded(ck) and verify_checkpoint(ck) is None and not (ck/'model.safetensors').exists()
+        assert sorted(p.name for p in (ck/'dcp').glob('*.distcp')) == ['__0_0.distcp', '__1_0.distcp']
+    cfg = cfg_for(out/'unused'); m = SmolLM(cfg.model); opt = build_optimizer(m, cfg.optim)
+    load_sharded_state(m, opt, out/'fsdp'/'checkpoints'/f'step_{STEPS:08d}')       # 2 ranks' pieces -> 1 process
+    ref_model, ref_state, _ = load_checkpoint(out/'ddp'/'checkpoints'/f'step_{STEPS:08d}')   # DDP's whole state, same run
+    for k, v in m.state_dict().items(): torch.testing.assert_close(v, ref_model[k], atol=1e-4, rtol=0)
+    got, want = opt.state_dict(), ref_state['optim']
+    n = 0
+    for part in got:
+        for i, st in got[part]['state'].items():
+            for key, t in st.items(): torch.testing.assert_close(t, want[part]['state'][i][key], atol=1e-4, rtol=0); n += 1
+    assert n == sum(len(s) for p in want.values() for s in p['state'].values()) > 0
+
+def test_dpo_and_rlvr_run_under_fsdp2_as_under_ddp(tmp_path):
+    "DPO's reference pass (rank 0 alone) and RLVR's rollouts (each rank its own length) use whole weights under FSDP2: no hang, same numbers."
+    p = launch('stages', tmp_path); log = p.communicate(timeout=400)[0]
+    assert p.returncode == 0, log[-3000:]
+    def recs(d):
+        out = {}
+        for line in (tmp_path/d/'metrics.jsonl').read_text().splitlines():
+            r = json.loads(line)
+            if 'event' not in r: out.setdefault(r['step'], {}).update(r)
+        return out
+    for stage, keys in (('dpo', ['train/loss', 'train/rewards/margins', 'val/rewards/accuracies', 'val/rewards/margins']),
+                        ('rlvr', ['train/loss', 'train/reward', 'train/completion_len', 'val/pass@1'])):
+        d, f = recs(f'{stage}_ddp'), recs(f'{stage}_fsdp')
+        assert sorted(d) == sorted(f) == [0, 1, 2], (stage, sorted(f))
+        assert d[1]['train/grad_norm'] > 0.1, (stage, d[1])   # gradients to compare (RLVR: the dense digit reward)
+        for k in keys + ['train/grad_norm']:  # step 1 starts from the same weights in both layouts: the same rollouts and losses
+            if k in d[1]: assert abs(d[1][k] - f[1][k]) <= 1e-4 * max(1, abs(d[1][k])), (stage, k, d[1][k], f[1][k])
+        assert all(k in f[2] for k in keys if k in d[2])
+    assert (tmp_path/'dpo_fsdp'/'ref_logps').is_dir()
+
+@pytest.mark.parametrize('name,par', [('suite', 'ddp'), ('suite_fsdp', 'fsdp')])
+def test_other_world_size_is_refused(suite, name, par):
+    "Weights would reshard, each rank's data stream would not: 1 process resuming a 2-rank run is refused, naming the way out."
+    out, _ = suite
+    cfg = cfg_for(out/name, **{'train.max_steps': 20, 'checkpoint.every_steps': 3, 'train.parallel': par})
+    with pytest.raises(ConfigError, match='written by 2 rank.*--init-from'):
         Trainer(cfg, SmolLM(cfg.model), Toy(draw=True)).fit()
 
 if __name__ == '__main__': worker(sys.argv[1], sys.argv[2])
