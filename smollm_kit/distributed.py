@@ -18,7 +18,8 @@ from .optim import Muon, newton_schulz, muon_lr_mult
 # %% auto #0
 __all__ = ['world', 'resolve_parallel', 'mixed_precision_policy', 'wrap_model', 'is_fsdp', 'no_sync', 'full_weights', 'agree',
            'gather_objects', 'load_model_state', 'tied_names', 'sharded_state', 'load_sharded_state',
-           'load_optim_state', 'shard_rows', 'DistMuon', 'distribute_optimizer']
+           'load_optim_state', 'shard_rows', 'DistMuon', 'distribute_optimizer', 'muon_reduce_scatter', 'reduce_grads',
+           'clip_grad_norm']
 
 # %% ../nbs/06a_distributed.ipynb #d005
 def world()->tuple[int, int]:
@@ -48,9 +49,13 @@ def wrap_model(model:nn.Module,      # the model, already on its device
                mode:str,             # from `resolve_parallel`
                device:torch.device,  # this rank's device
                precision:str='fp32', # resolved precision
+               skip_sync:list[str]=(), # DDP: parameters (by name) it must not all-reduce: `DistMuon.reduce_grads` syncs them
               )->nn.Module:
     "DDP: a wrapper around `model`; FSDP2: `model` itself, sharded in place (each block, then the root); 'none': `model`."
     if mode == 'ddp':
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(skip_sync))  # (or clear it)
+        params = dict(model.named_parameters())
+        for n in skip_sync: dist.broadcast(params[n].detach(), 0)   # DDP's one-time sync from rank 0, for these too
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if mode == 'fsdp':
         from torch.distributed.fsdp import fully_shard
@@ -150,10 +155,25 @@ def sharded_state(model:nn.Module, opt)->dict:
     for alias in tied_names(model): msd.pop(alias, None)
     return {'model': msd, 'optim': osd['state']}
 
+def _indexed(opt, model:nn.Module, flat:dict)->dict:
+    "Optimizer state keyed by parameter name (`{'layers.0.mlp.up_proj.weight.exp_avg': t}`) -> `opt.state_dict()`'s layout."
+    names, by_name, out = {id(p): n for n, p in model.named_parameters()}, {}, {}
+    for k, v in flat.items(): n, key = k.rsplit('.', 1); by_name.setdefault(n, {})[key] = v
+    for part, o in getattr(opt, 'optimizers', {'_': opt}).items():
+        params = [p for g in o.param_groups for p in g['params']]
+        ids = iter(range(len(params)))
+        out[part] = {'state': {i: by_name[names[id(p)]] for i, p in enumerate(params) if names[id(p)] in by_name},
+                     'param_groups': [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [next(ids) for _ in g['params']]}
+                                      for g in o.param_groups]}
+    return out if hasattr(opt, 'optimizers') else out['_']
+
 def load_sharded_state(model:nn.Module, opt, path):
     "Load the sharded checkpoint at `path` into `model` and `opt` on every rank (DCP reshards to this layout); hyperparameters stay as configured."
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict, StateDictOptions
-    from .checkpoint import load_sharded
+    from .checkpoint import load_sharded, read_sharded
+    if not is_fsdp(model):   # one process or DDP: every rank reads the whole tensors, then loads them as from one file
+        model.load_state_dict(read_sharded(path))
+        return load_optim_state(opt, _indexed(opt, model, read_sharded(path, 'optim')))
     msd, osd = get_state_dict(model, _parts(opt))    # the template: this rank's shapes and shards (optimizer state created if new)
     for alias in tied_names(model): msd.pop(alias, None)
     sd = {'model': msd, 'optim': osd['state']}
@@ -185,69 +205,170 @@ def _orthogonalise(u:torch.Tensor, g:dict)->torch.Tensor:
         return _zeropower_via_newtonschulz(u, g['ns_coefficients'], g['ns_steps'], g['eps'])
     return newton_schulz(u, g['ns_coefficients'], g['ns_steps'], g['eps'])
 
+def _chunks(ps:list, ws:int)->list[list[int]]:
+    "Indices of `ps` grouped by shape, in groups of `ws`: rank r owns the r-th matrix of each group (the same rule everywhere)."
+    by_shape = {}
+    for i, p in enumerate(ps): by_shape.setdefault(tuple(p.shape), []).append(i)
+    return [idx[c:c + ws] for idx in by_shape.values() for c in range(0, len(idx), ws)]
+
+def _local(t): return t.to_local() if _dtensor(t) else t
+
 class DistMuon(Muon):
     "Muon over ranks: momentum where the gradient lives, Newton–Schulz on whole matrices, each matrix on one rank."
-    comm_bytes:int = 0   # bytes this rank sent in Muon's exchanges so far (for the benchmark)
+    comm_bytes:int = 0            # bytes this rank sent in Muon's exchanges so far (for the benchmark)
+    reduce_scatter:bool = False   # DDP leaves the Muon gradients to `reduce_grads`: each rank keeps its own matrices'
+
+    def _sent(self, t:torch.Tensor, copies:int): self.comm_bytes += t.numel() * t.element_size() * copies
+
+    def _owned(self)->set:
+        "The matrices this rank orthogonalises, and with `reduce_scatter` the only ones whose gradient and momentum live here."
+        rank, ws = world()
+        return {g['params'][c[rank]] for g in self.param_groups for c in _chunks(g['params'], ws) if rank < len(c)}
+
+    @torch.no_grad()
+    def reduce_grads(self):
+        "After the step's last backward: rank r gets the rank-averaged gradient of each matrix it owns; the others' are dropped."
+        rank, ws = world()
+        if not self.reduce_scatter or ws == 1: return
+        for g in self.param_groups:
+            ps = g['params']
+            if any(p.grad is None for p in ps): raise RuntimeError("DistMuon: a Muon matrix has no gradient (every block must be used in every step)")
+            for c in _chunks(ps, ws):
+                grads = [ps[i].grad for i in c] + [torch.zeros_like(ps[c[0]].grad)] * (ws - len(c))   # pad the group to N
+                mine = torch.empty_like(grads[0])
+                getattr(dist, 'reduce_scatter_single', dist.reduce_scatter_tensor)(mine, torch.cat(grads))   # (its torch 2.13 name)
+                self._sent(mine, ws - 1)
+                for j, i in enumerate(c): ps[i].grad = mine.div_(ws) if j == rank else None   # the mean, as DDP's
+        self._reduced = True
 
     @torch.no_grad()
     def step(self, closure=None):
         rank, ws = world()
         if ws == 1: return super().step(closure)
+        if self.reduce_scatter and not getattr(self, '_reduced', False): raise RuntimeError("DistMuon.step: call reduce_grads() after the backward first")
+        self._reduced = False
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         for g in self.param_groups:
             if g['adjust_lr_fn'] not in (None, 'original'): raise ValueError(f"optim: DistMuon supports adjust_lr_fn='original' only, got {g['adjust_lr_fn']!r}")
-            ps = [p for p in g['params'] if p.grad is not None]
-            us = []
-            for p in ps:                                              # momentum: elementwise, shard-safe
-                grad = p.grad.to_local() if _dtensor(p.grad) else p.grad
-                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p.grad))
-                lb = buf.to_local() if _dtensor(buf) else buf
-                lb.lerp_(grad, 1 - g['momentum'])
-                us.append(grad.lerp(lb, g['momentum']) if g['nesterov'] else lb.clone())
-            by_shape = {}
-            for i, p in enumerate(ps): by_shape.setdefault(tuple(p.shape), []).append(i)
-            for idx in by_shape.values():
-                for c in range(0, len(idx), ws):
-                    chunk = idx[c:c + ws]
-                    sharded = _dtensor(ps[chunk[0]])
-                    outs = self._exchange_sharded(chunk, ps, us, g, rank, ws) if sharded else self._exchange_replicated(chunk, us, g, rank, ws)
-                    for i, o in zip(chunk, outs):
-                        p = ps[i]
-                        lp = p.to_local() if _dtensor(p) else p
-                        lp.mul_(1 - g['lr'] * g['weight_decay'])
-                        lp.add_(o.to(lp.dtype), alpha=-g['lr'] * muon_lr_mult(p.shape))
+            ps = g['params'] if self.reduce_scatter else [p for p in g['params'] if p.grad is not None]
+            us = {i: self._momentum(p, g) for i, p in enumerate(ps) if p.grad is not None}   # reduce_scatter: the owned ones
+            for c in _chunks(ps, ws):
+                sharded = _dtensor(ps[c[0]])
+                outs = self._exchange_sharded(c, ps, us, g, rank, ws) if sharded else self._exchange_replicated(c, ps, us, g, rank, ws)
+                for i, o in zip(c, outs):
+                    lp = _local(ps[i])
+                    lp.mul_(1 - g['lr'] * g['weight_decay'])
+                    lp.add_(o.to(lp.dtype), alpha=-g['lr'] * muon_lr_mult(ps[i].shape))
         return loss
 
-    def _exchange_replicated(self, chunk, us, g, rank, ws):
-        "DDP: rank r orthogonalises chunk[r]; an all_gather gives everyone every update."
-        mine = _orthogonalise(us[chunk[rank]], g).to(us[chunk[0]].dtype) if rank < len(chunk) else torch.zeros_like(us[chunk[0]])
+    def _momentum(self, p, g)->torch.Tensor:
+        "Update `p`'s momentum buffer (elementwise: works on a shard); return the (Nesterov) update to orthogonalise."
+        grad, buf = _local(p.grad), _local(self.state[p].setdefault('momentum_buffer', torch.zeros_like(p.grad)))
+        buf.lerp_(grad, 1 - g['momentum'])
+        return grad.lerp(buf, g['momentum']) if g['nesterov'] else buf.clone()
+
+    def _exchange_replicated(self, c, ps, us, g, rank, ws):
+        "DDP: rank r orthogonalises matrix c[r]; an all_gather gives everyone every update."
+        p0 = ps[c[0]]
+        mine = _orthogonalise(us[c[rank]], g).to(p0.dtype) if rank < len(c) else torch.zeros_like(p0)
         out = [torch.empty_like(mine) for _ in range(ws)]
         dist.all_gather(out, mine.contiguous())
-        self.comm_bytes += mine.numel() * mine.element_size() * (ws - 1)
-        return out[:len(chunk)]
+        self._sent(mine, ws - 1)
+        return out[:len(c)]
 
-    def _exchange_sharded(self, chunk, ps, us, g, rank, ws):
-        "FSDP2: all_to_all the row shards of chunk[r] to rank r, orthogonalise whole, all_to_all the rows back."
-        rows = shard_rows(ps[chunk[0]].shape[0], ws)
-        cols, dt, dev = ps[chunk[0]].shape[1], us[chunk[0]].dtype, us[chunk[0]].device
+    def _exchange_sharded(self, c, ps, us, g, rank, ws):
+        "FSDP2: all_to_all the row shards of matrix c[r] to rank r, orthogonalise whole, all_to_all the rows back."
+        rows = shard_rows(ps[c[0]].shape[0], ws)
+        cols, dt, dev = ps[c[0]].shape[1], us[c[0]].dtype, us[c[0]].device
         dummy = lambda: torch.zeros(1, dtype=dt, device=dev)       # gloo/NCCL-safe stand-in for "nothing"
-        send = [us[chunk[r]].contiguous() if r < len(chunk) and rows[rank] else dummy() for r in range(ws)]
-        recv = [torch.empty(rows[s], cols, dtype=dt, device=dev) if rank < len(chunk) and rows[s] else dummy() for s in range(ws)]
+        send = [us[c[r]].contiguous() if r < len(c) and rows[rank] else dummy() for r in range(ws)]
+        recv = [torch.empty(rows[s], cols, dtype=dt, device=dev) if rank < len(c) and rows[s] else dummy() for s in range(ws)]
         dist.all_to_all(recv, send)
         self.comm_bytes += sum(t.numel() * t.element_size() for r, t in enumerate(send) if r != rank)
-        if rank < len(chunk):
+        if rank < len(c):
             o = _orthogonalise(torch.cat([t for s, t in enumerate(recv) if rows[s]]), g).to(dt)
             back = [t.contiguous() if rows[s] else dummy() for s, t in enumerate(o.split(rows))]
         else: back = [dummy() for _ in range(ws)]
-        mine = [torch.empty(rows[rank], cols, dtype=dt, device=dev) if r < len(chunk) and rows[rank] else dummy() for r in range(ws)]
+        mine = [torch.empty(rows[rank], cols, dtype=dt, device=dev) if r < len(c) and rows[rank] else dummy() for r in range(ws)]
         dist.all_to_all(mine, back)
         self.comm_bytes += sum(t.numel() * t.element_size() for s, t in enumerate(back) if s != rank)
-        return mine[:len(chunk)]
+        return mine[:len(c)]
 
-def distribute_optimizer(opt):
+    def state_dict(self)->dict:
+        "The whole state, as one process holds it; with `reduce_scatter` a collective: each momentum buffer comes from its owner."
+        if not self.reduce_scatter or world()[1] == 1: return super().state_dict()
+        for p, buf in self._gather_buffers().items(): self.state[p]['momentum_buffer'] = buf
+        try: return super().state_dict()
+        finally: self._drop_foreign()
+
+    def load_state_dict(self, state_dict:dict):
+        "Load a whole state (written by any layout); with `reduce_scatter` each rank then keeps only its own matrices' buffers."
+        super().load_state_dict(state_dict)
+        self._drop_foreign()
+
+    @torch.no_grad()
+    def _gather_buffers(self)->dict:
+        "Every matrix's momentum buffer on every rank, from its owner: one all_gather per group of N (none before a first step)."
+        rank, ws = world()
+        out = {}
+        for g in self.param_groups:
+            ps = g['params']
+            has = torch.tensor([float('momentum_buffer' in self.state.get(p, {})) for p in ps], device=ps[0].device)
+            dist.all_reduce(has)                                       # a buffer exists on its owner only
+            has = has.tolist()
+            for c in [c for c in _chunks(ps, ws) if any(has[i] for i in c)]:
+                mine = self.state[ps[c[rank]]]['momentum_buffer'] if rank < len(c) and has[c[rank]] else torch.zeros_like(ps[c[0]])
+                got = [torch.empty_like(mine) for _ in range(ws)]
+                dist.all_gather(got, mine.contiguous())
+                out.update({ps[i]: got[j] for j, i in enumerate(c) if has[i]})
+        return out
+
+    def _drop_foreign(self):
+        "With `reduce_scatter`: forget the state of the matrices other ranks own."
+        if not self.reduce_scatter or world()[1] == 1: return
+        owned = self._owned()
+        for p in [p for p in self.state if p not in owned]: del self.state[p]
+
+def distribute_optimizer(opt, reduce_scatter:bool=False, # DDP left the Muon gradients unsynchronised: `reduce_grads` does it
+                        ):
     "Make the Muon part of a `MuonAdamW` a `DistMuon` (same state and hyperparameters); AdamW needs nothing."
     m = getattr(opt, 'optimizers', {}).get('muon')
     if m is not None and type(m) is Muon: m.__class__ = DistMuon
+    if m is not None: m.reduce_scatter = reduce_scatter
     return opt
+
+
+# %% ../nbs/06a_distributed.ipynb #d014b
+def muon_reduce_scatter(mode:str,      # from `resolve_parallel`
+                        optim:str,     # `optim.name`: 'muon_adamw' | 'adamw'
+                        precision:str, # resolved precision
+                       )->bool:
+    "Does `DistMuon` reduce-scatter the Muon gradients itself, DDP leaving them out? Under DDP with Muon, except fp16."
+    return mode == 'ddp' and optim == 'muon_adamw' and precision != 'fp16'
+
+def _dist_muon(opt)->Optional[DistMuon]:
+    m = getattr(opt, 'optimizers', {}).get('muon')
+    return m if isinstance(m, DistMuon) and m.reduce_scatter and world()[1] > 1 else None
+
+def reduce_grads(opt):
+    "After the step's last backward: the Muon gradients DDP left out reach their owners (nothing to do in other layouts)."
+    if (m := _dist_muon(opt)) is not None: m.reduce_grads()
+
+def clip_grad_norm(model:nn.Module, # the unwrapped model
+                   opt,             # its optimizer (`MuonAdamW`)
+                   max_norm:float,  # clip to this global norm (inf: measure only)
+                  )->torch.Tensor:
+    "Clip every gradient by the norm of *all* of them, whatever each rank holds; return that norm (equal on every rank)."
+    if (m := _dist_muon(opt)) is None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if _dtensor(norm) else norm                  # FSDP2: a DTensor
+    from torch.nn.utils import get_total_norm, clip_grads_with_norm_
+    ps, mine = [p for p in model.parameters() if p.grad is not None], {id(p) for p in m._owned()}
+    sq = lambda own: get_total_norm([p.grad for p in ps if (id(p) in mine) == own]).to(ps[0].device) ** 2
+    owned = sq(True); dist.all_reduce(owned)      # each Muon matrix's gradient is on one rank; the rest on every rank
+    norm = (sq(False) + owned).sqrt()
+    clip_grads_with_norm_(ps, max_norm, norm)
+    return norm
+

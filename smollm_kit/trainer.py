@@ -18,13 +18,14 @@ from typing import Callable, Optional, Any
 import torch, torch.nn as nn, yaml
 from tqdm.auto import tqdm
 from .config import Config, ConfigError, save_config
-from .optim import build_optimizer, lr_factor
+from .optim import build_optimizer, lr_factor, param_table
 from .checkpoint import CheckpointManager, CheckpointWriteError, capture_rng, restore_rng, is_sharded, sharded_shapes
 from .resume import check_resume_compat, check_model_fits, broken_run_error
 from .rundir import RunLock, check_run_dir
 from .interrupt import GracefulInterrupt, signal_exit_code
 from .distributed import (resolve_parallel, wrap_model, no_sync, agree, gather_objects, distribute_optimizer, full_weights,
-                                    is_fsdp, load_model_state, load_optim_state, tied_names, sharded_state, load_sharded_state)
+                                    is_fsdp, load_model_state, load_optim_state, tied_names, sharded_state, load_sharded_state,
+                                    muon_reduce_scatter, reduce_grads, clip_grad_norm)
 from .monitor import (pick_device, MetricsLogger, StabilityMonitor, ThroughputMeter, CostTracker, flops_per_token,
                                 hardware, run_length, estimate, format_estimate, gpu_memory_gb)
 
@@ -156,8 +157,9 @@ class Trainer:
         if cfg.train.activation_checkpointing: self.model.set_activation_checkpointing(True)
         self.frozen, self.frozen_sources = self._freeze(stage.frozen_models())
         self.parallel = resolve_parallel(cfg.train.parallel, self.dist.world_size, self.precision)
+        self.muon_rs = muon_reduce_scatter(self.parallel, cfg.optim.name, self.precision)  # DDP leaves Muon's grads to DistMuon
         self.train_model = self._wrap(self.model)          # before the optimizer: FSDP2 swaps parameters for shards
-        self.opt = distribute_optimizer(build_optimizer(self.model, cfg.optim))
+        self.opt = distribute_optimizer(build_optimizer(self.model, cfg.optim), reduce_scatter=self.muon_rs)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.precision == 'fp16')
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, rank=self.dist.rank)
         self.stability = StabilityMonitor(cfg.stability)
@@ -199,7 +201,8 @@ class Trainer:
     def _wrap(self, model):
         "Compile the blocks when asked and wrap for several ranks (DDP / FSDP2); `self.model` (same parameters) is what we save."
         if self.cfg.train.compile: model.compile_blocks()
-        return wrap_model(model, self.parallel, self.device, self.precision)
+        skip = [r['param'] for r in param_table(model, self.cfg.optim) if r['group'] == 'muon'] if self.muon_rs else []
+        return wrap_model(model, self.parallel, self.device, self.precision, skip_sync=skip)
 
     def autocast(self):
         "The autocast context for forward passes."
@@ -230,6 +233,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + torch.as_tensor(s, dtype=torch.float32, device=dev).detach()
                 if c is not None: counts[k] = counts.get(k, 0) + torch.as_tensor(c, dtype=torch.float32, device=dev)
                 else: counts.setdefault(k, None)
+        reduce_grads(self.opt)                    # DDP + Muon: each rank gets the averaged gradients of the matrices it owns
         keys = sorted(sums)
         stats = torch.stack([loss_total, n_total, torch.tensor(float(n_tokens), device=dev), *(sums[k] for k in keys),
                              *(counts[k] if counts[k] is not None else n_total for k in keys)])
@@ -238,8 +242,7 @@ class Trainer:
         if self.scaler.is_enabled(): self.scaler.unscale_(self.opt)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads: torch._foreach_mul_(grads, self.dist.world_size / (scale * n_global))  # DDP averaged over ranks: undo it
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or float('inf'))
-        if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()   # FSDP2: a DTensor
+        grad_norm = clip_grad_norm(self.model, self.opt, self.cfg.optim.grad_clip or float('inf'))   # all ranks' gradients
         vals = torch.cat([stats, grad_norm.detach().float().reshape(1).to(dev)]).tolist()   # the step's one host sync
         loss, grad_norm, n_tokens = vals[0] / max(vals[1], 1), vals[-1], int(vals[2])
         k = len(keys)

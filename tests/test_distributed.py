@@ -1,4 +1,4 @@
-"Two gloo processes on CPU under torchrun: DDP = grad accumulation, FSDP2 = DDP, one decision for all ranks, exact resume after SIGKILL."
+"Two gloo processes on CPU under torchrun: DDP = grad accumulation, FSDP2 = DDP, one decision for all ranks, exact resume after SIGKILL, DistMuon = Muon."
 import json, os, random, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
@@ -52,6 +52,45 @@ def run(d, stage, **kw):
     cfg = cfg_for(d, **kw)
     return Trainer(cfg, SmolLM(cfg.model), stage).fit()
 
+def muon_layouts(rank, ws)->dict:
+    "DistMuon's reduce-scatter layout and its all-reduce layout, 4 steps, against one-process Muon on the rank-averaged gradients."
+    import torch.distributed as dist
+    from smollm_kit.optim import Muon
+    from smollm_kit.distributed import DistMuon
+    if not dist.is_initialized(): dist.init_process_group('gloo')      # (the Trainer joins it otherwise)
+    shapes = [(8, 4)] * 3 + [(4, 8)] * 2 + [(6, 6)]      # groups of 2, 1 (padded) and a lone matrix
+    grad = lambda step, r, i: torch.randn(shapes[i], generator=torch.Generator().manual_seed(1000 * step + 100 * r + i))
+    torch.manual_seed(0); w0 = [torch.randn(s) for s in shapes]
+    def make(reduce_scatter=None):
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = (Muon if reduce_scatter is None else DistMuon)(ps, lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn='original')
+        if reduce_scatter: opt.reduce_scatter = True
+        return ps, opt
+    (ref_p, ref), (rs_p, rs), (ar_p, ar) = make(), make(True), make(False)
+    def step(k, rs_p, rs):
+        for i, p in enumerate(ref_p): p.grad = sum(grad(k, r, i) for r in range(ws)) / ws
+        ref.step()
+        for i, p in enumerate(rs_p): p.grad = grad(k, rank, i)          # each rank's own gradient: DistMuon averages
+        rs.reduce_grads(); rs.step()
+    close = lambda a, b: all(torch.allclose(x, y, atol=1e-6, rtol=0) for x, y in zip(a, b))
+    for k in range(3):
+        step(k, rs_p, rs)
+        for i, p in enumerate(ar_p): p.grad = grad(k, rank, i); dist.all_reduce(p.grad); p.grad /= ws   # what DDP does
+        ar.step()
+    out = {'params': close(rs_p, ref_p) and close(ar_p, ref_p), 'buffers_here': len(rs.state)}
+    sd, want = rs.state_dict(), ref.state_dict()                          # gathered from the owners
+    out['state'] = close([sd['state'][i]['momentum_buffer'] for i in range(len(shapes))], [want['state'][i]['momentum_buffer'] for i in range(len(shapes))])
+    rs2_p, rs2 = make(True)                                               # resume: a fresh optimizer loads the whole state
+    for p, q in zip(rs2_p, rs_p): p.data.copy_(q.data)
+    rs2.load_state_dict(sd)
+    out['kept_after_load'] = len(rs2.state)
+    step(3, rs2_p, rs2)
+    out['resumed'] = close(rs2_p, ref_p)
+    grad_bytes = sum(4 * a * b for a, b in shapes) * 3
+    out['bytes'] = {'reduce_scatter': rs.comm_bytes, 'all_reduce': ar.comm_bytes + 2 * (ws - 1) / ws * grad_bytes}  # + ring all-reduce
+    res = [None] * ws; dist.all_gather_object(res, out)
+    return res
+
 # -- the worker: `torchrun --nproc_per_node 2 tests/test_distributed.py <scenario> <dir>` ---------------------------
 def worker(scenario, out):
     import torch.distributed as dist
@@ -64,6 +103,7 @@ def worker(scenario, out):
         return all(torch.equal(g[0], x) for x in g[1:]) and bool(torch.isfinite(flat).all())
     res = {}
     if scenario == 'suite':
+        res['muon'] = muon_layouts(rank, ws)                                     # (f)
         r = run(out/'ddp', Toy(rank, ws))                                         # (a)
         res['ddp_same'] = same_everywhere(r.model)
         run(out/'fsdp', Toy(rank, ws), **{'train.parallel': 'fsdp', 'checkpoint.mirror_dir': str(out/'fsdp_mirror'),   # (b)
@@ -153,6 +193,15 @@ def test_grad_scaler_agrees_under_ddp(suite):
     "An inf in one rank's loss reaches every rank's gradients through the all-reduce: every scaler skips and backs off."
     _, res = suite
     assert res['scaler']['scales'] == [8.0, 8.0] and res['scaler']['unchanged']
+
+def test_dist_muon_reduce_scatter_equals_muon_and_sends_less(suite):
+    "Reduce-scatter, Newton-Schulz on the owned matrices, all-gather = one-process Muon; each buffer on one rank, gathered for a checkpoint."
+    _, res = suite
+    for r in res['muon']:
+        assert r['params'] and r['state'] and r['resumed'], r
+        assert r['kept_after_load'] == r['buffers_here']                  # loading the whole state keeps only the owned buffers
+        assert r['bytes']['reduce_scatter'] < r['bytes']['all_reduce'], r['bytes']
+    assert sum(r['buffers_here'] for r in res['muon']) == 6               # every momentum buffer lives on exactly one rank
 
 @pytest.mark.parametrize('kill,ref', [('kill', 'suite'), ('kill_fsdp', 'suite_fsdp')])
 def test_sigkill_all_ranks_then_resume_is_bit_identical(suite, kill, ref):
