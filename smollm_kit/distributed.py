@@ -279,22 +279,18 @@ class DistMuon(Muon):
         return out[:len(c)]
 
     def _exchange_sharded(self, c, ps, us, g, rank, ws):
-        "FSDP2: all_to_all the row shards of matrix c[r] to rank r, orthogonalise whole, all_to_all the rows back."
-        rows = shard_rows(ps[c[0]].shape[0], ws)
-        cols, dt, dev = ps[c[0]].shape[1], us[c[0]].dtype, us[c[0]].device
-        dummy = lambda: torch.zeros(1, dtype=dt, device=dev)       # gloo/NCCL-safe stand-in for "nothing"
-        send = [us[c[r]].contiguous() if r < len(c) and rows[rank] else dummy() for r in range(ws)]
-        recv = [torch.empty(rows[s], cols, dtype=dt, device=dev) if rank < len(c) and rows[s] else dummy() for s in range(ws)]
-        dist.all_to_all(recv, send)
-        self.comm_bytes += sum(t.numel() * t.element_size() for r, t in enumerate(send) if r != rank)
-        if rank < len(c):
-            o = _orthogonalise(torch.cat([t for s, t in enumerate(recv) if rows[s]]), g).to(dt)
-            back = [t.contiguous() if rows[s] else dummy() for s, t in enumerate(o.split(rows))]
-        else: back = [dummy() for _ in range(ws)]
-        mine = [torch.empty(rows[rank], cols, dtype=dt, device=dev) if r < len(c) and rows[rank] else dummy() for r in range(ws)]
-        dist.all_to_all(mine, back)
-        self.comm_bytes += sum(t.numel() * t.element_size() for s, t in enumerate(back) if s != rank)
-        return mine[:len(c)]
+        "FSDP2: one all_to_all brings rank r the row shards of matrix c[r]; it orthogonalises it whole; a second sends each rank its rows back."
+        rows, cols = shard_rows(ps[c[0]].shape[0], ws), ps[c[0]].shape[1]
+        mine_n = [rows[rank] * cols if r < len(c) else 0 for r in range(ws)]    # my rows of matrix c[r] <-> rank r
+        whole_n = [rows[s] * cols if rank < len(c) else 0 for s in range(ws)]   # every rank's rows of the matrix I own
+        send = torch.cat([us[i].reshape(-1) for i in c])
+        whole = send.new_empty(sum(whole_n))
+        dist.all_to_all_single(whole, send, whole_n, mine_n)                     # uneven splits: gloo and NCCL both take them
+        o = _orthogonalise(whole.view(-1, cols), g).to(send.dtype).reshape(-1) if rank < len(c) else send.new_empty(0)
+        back = send.new_empty(sum(mine_n))
+        dist.all_to_all_single(back, o, mine_n, whole_n)
+        self.comm_bytes += (send.numel() - mine_n[rank] + o.numel() - whole_n[rank]) * send.element_size()
+        return list(back.view(len(c), rows[rank], cols))
 
     def state_dict(self)->dict:
         "The whole state, as one process holds it; with `reduce_scatter` a collective: each momentum buffer comes from its owner."

@@ -88,8 +88,27 @@ def muon_layouts(rank, ws)->dict:
     out['resumed'] = close(rs2_p, ref_p)
     grad_bytes = sum(4 * a * b for a, b in shapes) * 3
     out['bytes'] = {'reduce_scatter': rs.comm_bytes, 'all_reduce': ar.comm_bytes + 2 * (ws - 1) / ws * grad_bytes}  # + ring all-reduce
+    out['fsdp'] = fsdp_muon(rank, ws)
     res = [None] * ws; dist.all_gather_object(res, out)
     return res
+
+def fsdp_muon(rank, ws)->bool:
+    "DistMuon on FSDP2 row shards of uneven size (5 rows on 2 ranks), a padded group and a lone matrix = one-process Muon."
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+    from smollm_kit.optim import Muon
+    from smollm_kit.distributed import DistMuon
+    mesh, shapes = init_device_mesh('cpu', (ws,)), [(5, 6)] * 3 + [(3, 4)]
+    torch.manual_seed(1); w0 = [torch.randn(s) for s in shapes]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn='original')
+    ref_p = [torch.nn.Parameter(w.clone()) for w in w0]; ref = Muon(ref_p, **kw)
+    fs_p = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in w0]; fs = DistMuon(fs_p, **kw)
+    for k in range(3):
+        g = [torch.randn(s, generator=torch.Generator().manual_seed(10 * k + i)) for i, s in enumerate(shapes)]   # the averaged gradient
+        for p, x in zip(ref_p, g): p.grad = x.clone()
+        for p, x in zip(fs_p, g): p.grad = distribute_tensor(x.clone(), mesh, [Shard(0)])   # what FSDP2's reduce-scatter leaves
+        ref.step(); fs.step()
+    return all(torch.allclose(p.full_tensor(), q, atol=1e-6, rtol=0) for p, q in zip(fs_p, ref_p))
 
 # -- the worker: `torchrun --nproc_per_node 2 tests/test_distributed.py <scenario> <dir>` ---------------------------
 def worker(scenario, out):
@@ -202,6 +221,7 @@ def test_dist_muon_reduce_scatter_equals_muon_and_sends_less(suite):
         assert r['kept_after_load'] == r['buffers_here']                  # loading the whole state keeps only the owned buffers
         assert r['bytes']['reduce_scatter'] < r['bytes']['all_reduce'], r['bytes']
     assert sum(r['buffers_here'] for r in res['muon']) == 6               # every momentum buffer lives on exactly one rank
+    assert all(r['fsdp'] for r in res['muon'])                            # FSDP2 layout: uneven row shards, padded groups
 
 @pytest.mark.parametrize('kill,ref', [('kill', 'suite'), ('kill_fsdp', 'suite_fsdp')])
 def test_sigkill_all_ranks_then_resume_is_bit_identical(suite, kill, ref):
