@@ -718,10 +718,12 @@ class CheckpointManager:
         return [{'step': s, 'path': p, 'location': w} for s, p, w in reversed(self._candidates())
                 if verify_checkpoint(p, full=verify, cache=self._verified) is None]
 
-    def load(self, path:str|Path, model:bool=True)->tuple[dict|None, dict, str|None]:
+    def load(self, path:str|Path, model:bool=True,
+             verify:bool=True,   # re-hash (False: sizes only -- another rank just hashed these very files)
+            )->tuple[dict|None, dict, str|None]:
         "`(model_state, state, config_yaml)` after verifying `path`; a mirror-only checkpoint is first copied back locally."
         path = Path(path)
-        if reason := verify_checkpoint(path, full=True, cache=self._verified): raise CheckpointError(f"{path}: {reason}")
+        if reason := verify_checkpoint(path, full=verify, cache=self._verified): raise CheckpointError(f"{path}: {reason}")
         if self.mirror_dir and self.rank == 0 and path.parent.resolve() == self.mirror_dir.resolve():
             local = self.dir/path.name
             if verify_checkpoint(local, full=True, cache=self._verified) is not None:
@@ -729,4 +731,4 @@ class CheckpointManager:
                 except OSError as e: warnings.warn(f"could not copy {path} back to {self.dir} ({e}); loading from the mirror")
                 else: self._event(event='restored_from_mirror', step=int(_STEP_RE.match(path.name).group(1)), path=str(path))
             else: path = local
-        return load_checkpoint(path, verify=True, cache=self._verified, model=model)
+        return load_checkpoint(path, verify=verify, cache=self._verified, model=model)

@@ -324,9 +324,17 @@ class Trainer:
                   'stall_s': round(time.perf_counter() - t0, 3)})
         return path
 
+    def _latest(self)->Optional[Path]:
+        "The newest valid checkpoint as rank 0 finds it: one rank hashes the files, every rank gets its answer."
+        if self.dist.world_size == 1: return self.ckpt.latest_valid()
+        box = [(self.ckpt.latest_valid(), self.ckpt.invalid) if self.dist.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        latest, self.ckpt.invalid = box[0]
+        return latest
+
     def maybe_resume(self)->Optional[int]:
         "Restore the newest valid checkpoint according to the resume mode; return its step or None."
-        latest = self.ckpt.latest_valid()
+        latest = self._latest()
         if self.resume_mode == 'never':
             if latest is not None or self.ckpt.invalid:
                 raise ConfigError(f"checkpoint.resume: never, but {self.run_dir} already has checkpoints ({latest.name}); "
@@ -337,7 +345,7 @@ class Trainer:
             if self.resume_mode == 'always': raise ConfigError(f"checkpoint.resume: always, but {self.run_dir} has no valid checkpoint")
             return None
         sharded = is_sharded(latest)
-        model_state, state, config_yaml = self.ckpt.load(latest, model=not sharded)
+        model_state, state, config_yaml = self.ckpt.load(latest, model=not sharded, verify=self.dist.is_main)
         if state.get('stage', self.stage.name) != self.stage.name:
             raise ConfigError(f"run.stage: {self.run_dir} holds a {state['stage']} run, and this is {self.stage.name}; "
                               f"use another --run-dir (and --init-from {self.run_dir} to start from its weights)")
@@ -362,10 +370,10 @@ class Trainer:
         "Restore the last good checkpoint in-process, keeping the data position (the offending batches are skipped) and the money spent."
         self.ckpt.wait()
         if self.dist.world_size > 1: torch.distributed.barrier()   # rank 0's save in flight is on disk for everyone
-        latest = self.ckpt.latest_valid()
+        latest = self._latest()
         if latest is None: return False
         bad_step = self.step
-        model_state, state, _ = self.ckpt.load(latest, model=not is_sharded(latest))
+        model_state, state, _ = self.ckpt.load(latest, model=not is_sharded(latest), verify=self.dist.is_main)
         self._load_weights(latest, model_state, state)
         self.load_state_dict(state, keep=('data', 'cost'))
         self.log({'event': 'rollback', 'step': self.step, 'from_step': bad_step, 'path': str(latest)})

@@ -147,10 +147,14 @@ def worker(scenario, out):
         model = SmolLM(cfg.model); torch.manual_seed(100 + rank)
         Trainer(cfg, model, Toy(rank, ws, draw=True, sleep=0.03 if name.startswith('kill') else 0)).fit()
     if scenario == 'stages':                     # DPO and RLVR under DDP and FSDP2: precompute on rank 0, rollouts of any length
+        from smollm_kit.sft import sft
         from smollm_kit.dpo import dpo
         from smollm_kit.rlvr import rlvr
         quiet = {'logging.progress': False, 'logging.every_steps': 1, 'train.max_steps': 2, 'train.eval_every': 1}
         for par in ('ddp', 'fsdp'):
+            sft(load_config('sft-tiny', {'run.run_dir': str(out/f'sft_{par}'), 'sft.demo_examples': 200, 'sft.val_examples': 8,
+                                         'sft.eval_generations': 8, 'sft.max_new_tokens': 8, 'train.grad_accum_steps': 1,
+                                         'train.parallel': par, **quiet}))
             dpo(load_config('dpo-tiny', {'run.run_dir': str(out/f'dpo_{par}'), 'dpo.demo_pairs': 120, 'train.seq_len': 128,
                                          'train.parallel': par, **quiet}))
             rlvr(load_config('rlvr-tiny', {'run.run_dir': str(out/f'rlvr_{par}'), 'train.micro_batch_size': 4, 'train.grad_accum_steps': 1,
@@ -265,8 +269,8 @@ def test_fsdp2_writes_shards_that_reshard_to_one_process(suite):
             for key, t in st.items(): torch.testing.assert_close(t, want[part]['state'][i][key], atol=1e-4, rtol=0); n += 1
     assert n == sum(len(s) for p in want.values() for s in p['state'].values()) > 0
 
-def test_dpo_and_rlvr_run_under_fsdp2_as_under_ddp(tmp_path):
-    "DPO's reference pass (rank 0 alone) and RLVR's rollouts (each rank its own length) use whole weights under FSDP2: no hang, same numbers."
+def test_sft_dpo_rlvr_run_under_fsdp2_as_under_ddp(tmp_path):
+    "SFT's generated replies, DPO's reference pass (rank 0 alone) and RLVR's rollouts (each rank its own length) use whole weights under FSDP2: no hang, same numbers."
     p = launch('stages', tmp_path); log = p.communicate(timeout=400)[0]
     assert p.returncode == 0, log[-3000:]
     def recs(d):
@@ -275,7 +279,8 @@ def test_dpo_and_rlvr_run_under_fsdp2_as_under_ddp(tmp_path):
             r = json.loads(line)
             if 'event' not in r: out.setdefault(r['step'], {}).update(r)
         return out
-    for stage, keys in (('dpo', ['train/loss', 'train/rewards/margins', 'val/rewards/accuracies', 'val/rewards/margins']),
+    for stage, keys in (('sft', ['train/loss', 'val/loss', 'val/exact_match']),
+                        ('dpo', ['train/loss', 'train/rewards/margins', 'val/rewards/accuracies', 'val/rewards/margins']),
                         ('rlvr', ['train/loss', 'train/reward', 'train/completion_len', 'val/pass@1'])):
         d, f = recs(f'{stage}_ddp'), recs(f'{stage}_fsdp')
         assert sorted(d) == sorted(f) == [0, 1, 2], (stage, sorted(f))
