@@ -409,7 +409,7 @@ class DPOStage(Stage):
         where, L = ('demo' if self.dc.dataset == 'demo' else f'dpo.dataset {self.dc.dataset}'), self.dc.max_length or self.seq_len // 2
         self.pairs, self.report = prepare_pairs(train, tokenizer, L, self.dc.on_bad_record, f'{where} ({self.dc.split})')
         self.val_pairs, self.val_report = prepare_pairs(val, tokenizer, L, self.dc.on_bad_record, f'{where} (held out)')
-        self.ref_digest = weights_digest(model)           # the starting weights are the reference
+        self.ref_digest = self.start_digest = weights_digest(model)   # the starting weights are the reference
         self.ref_model = copy.deepcopy(model).eval() if self.dc.reference == 'model' else None
         self.epoch, self.pos, self._order, self.ref = 0, 0, None, {}
         print(f"dpo data: {len(self.pairs):,} training pairs ({self.report['bad']} bad records skipped), {len(self.val_pairs)} "
@@ -459,7 +459,12 @@ class DPOStage(Stage):
 
     def setup(self, ctx:StageContext):
         ctx.log({'event': 'dpo_data', 'train': self.report, 'val': self.val_report})
-        if self.ref_model is not None: self.ref_model = ctx.frozen['ref']; return
+        if self.ref_model is not None:
+            if self.start_digest != self.ref_digest:      # resumed, and init_from no longer holds the weights of step 0
+                raise ConfigError(f"dpo.reference: model needs the weights this run started from, and run.init_from "
+                                  f"({self.cfg.run.init_from}) no longer holds them (changed or deleted); restore them, or start "
+                                  "a new run directory")
+            self.ref_model = ctx.frozen['ref']; return
         splits = {'train': self.pairs, 'val': self.val_pairs}
         caches = {s: RefLogpCache(Path(ctx.run_dir)/'ref_logps', s, _fingerprint(self.ref_digest, p, self.tokenizer.chat_template,
                                   self.seq_len, self.rows, ctx.precision), len(p), self.dc.ref_shard_pairs) for s, p in splits.items()}

@@ -1,7 +1,7 @@
 import dataclasses
 """DPO/APO: the losses against TRL's DPOTrainer, preference data in every supported format, packing, the reference
 log-prob cache (fingerprint, resume after a kill), and the stage end to end through the shared Trainer."""
-import json, math, warnings
+import json, math, shutil, warnings
 from pathlib import Path
 
 import pytest, torch
@@ -311,7 +311,6 @@ def test_wrong_stage_and_changed_data_are_clear_errors(trained, tmp_path):
     with pytest.raises(ConfigError, match="run.stage: this is the dpo stage, but the config says .pretrain."):
         dpo(load_config('tiny', {'run.run_dir': str(tmp_path)}))
     res, _ = trained
-    import shutil
     d = tmp_path/'changed'
     shutil.copytree(res.run_dir, d)
     with pytest.raises(ConfigError, match="training pairs differ from the checkpoint"):
@@ -339,3 +338,15 @@ def test_two_ranks_under_ddp_stay_identical(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     digests = dict(re.findall(r'rank (\d) weights (\w+)', p.stdout))
     assert set(digests) == {'0', '1'} and digests['0'] == digests['1'], p.stdout[-2000:]
+
+
+def test_reference_model_refuses_a_resume_whose_starting_weights_are_gone(tmp_path):
+    "reference: model keeps the starting weights in memory; resumed after init_from was deleted, it must not take the trained policy instead."
+    from smollm_kit.pretrain import pretrain
+    src = tmp_path/'src'
+    pretrain(load_config('tiny', {'run.run_dir': str(src), 'train.max_steps': 2, 'train.eval_every': 0, 'logging.progress': False}))
+    over = {'run.init_from': str(src), 'dpo.reference': 'model', 'train.eval_every': 0, 'checkpoint.every_steps': 2}
+    dpo(small(tmp_path/'run', **{'train.max_steps': 2, **over}))
+    shutil.rmtree(src)
+    with pytest.warns(UserWarning, match='no longer exists'), pytest.raises(ConfigError, match='dpo.reference: model needs the weights this run started from'):
+        dpo(small(tmp_path/'run', **{'train.max_steps': 4, **over}))
