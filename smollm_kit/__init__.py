@@ -85,6 +85,21 @@ sft:train.max_steps=20` touches one stage). `smollm config show sft-tiny` prints
 documented. A run directory holds `config.yaml`, `metrics.jsonl` and `checkpoints/`; running the same command again
 resumes.
 
+## Past one GPU
+
+Every stage runs under `torchrun` with the same commands; here two CPU processes:
+
+```bash
+OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m smollm_kit.cli pretrain --config tiny --run-dir runs/tiny-ddp
+OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m smollm_kit.cli pretrain --config tiny --run-dir runs/tiny-fsdp --set train.parallel=fsdp
+```
+
+`train.parallel: auto` is DDP. `fsdp` shards parameters, gradients and optimizer state with FSDP2, and every rank
+writes its own shard of each checkpoint with `torch.distributed.checkpoint`; `smollm export`, `smollm chat` and
+`--init-from` read such a checkpoint in one process. Muon orthogonalises each matrix once, on one rank. A run resumes
+with the number of processes it started with. `06a_distributed` covers several nodes and what the 600M recipe costs
+on 8 and 64 GPUs.
+
 Modules:
 
 - `smollm_kit.checkpoint`: Atomic, verified, rotated, mirrored checkpoints that survive a Colab runtime vanishing mid-write.
