@@ -18,7 +18,8 @@ after every section, so a run cut short still leaves data:
 - profile: torch.profiler over a few steps: top CUDA kernels and the share of CUDA time by kind (gemm, attention...);
 - trainer: the whole `Trainer` (data, logging, checkpoints) against the bare step on the same batch -> overhead %;
 - checkpoint: stall of an async save of the 600M training state (weights + optimizer);
-- generate: rollout tokens/s of `generate_ids` (KV cache, batched) against `transformers` `generate` -> ratio;
+- generate: rollout tokens/s of RLVR's `sample_rollouts` and of chat's `generate_ids` (KV cache, batched) against
+  `transformers` `generate` -> ratios;
 - memory: peak memory of a step at the reference micro-batch (48 x 2048) with and without activation checkpointing;
 - precision_fp16: the path a T4 takes (fp16 autocast + GradScaler, sdpa with a document mask);
 - dtype_audit: every matmul / attention op of forward + backward under bf16 autocast, with its dtypes.
@@ -217,7 +218,7 @@ class Check:
         s['trainer_overhead_pct'] = g('trainer', 'overhead_pct')
         stalls = [v for v in (g('checkpoint', 'stall_s_later'), g('trainer', 'checkpoint_stall_s')) if v is not None]
         s['checkpoint_stall_s'] = max(stalls) if stalls else None
-        s['rollout_vs_generate'] = g('generate', 'ratio')
+        s['rollout_vs_generate'] = g('generate', 'rollout_ratio')   # RLVR's sampler: what rollouts run on
         s['non_bf16_matmuls'] = g('dtype_audit', 'non_bf16_count')
         s['attention_backends_agree'] = g('attention', 'agree')
         s['best_kit_tokens_per_sec'] = best
@@ -244,7 +245,7 @@ class Check:
                 'profile': ['model', 'busy_frac', 'by_kind', 'top'],
                 'trainer': ['data', 'trainer_tokens_per_sec', 'bare_tokens_per_sec', 'overhead_pct', 'checkpoint_stall_s'],
                 'checkpoint': ['gb', 'stall_s_first', 'stall_s_later', 'write_s'],
-                'generate': ['batch', 'new_tokens', 'kit_tokens_per_sec', 'hf_tokens_per_sec', 'ratio'],
+                'generate': ['batch', 'new_tokens', 'rollout_tokens_per_sec', 'kit_tokens_per_sec', 'hf_tokens_per_sec', 'rollout_ratio', 'ratio'],
                 'memory': ['micro_batch', 'peak_gib_ac', 'peak_gib_no_ac'],
                 'precision_fp16': ['tokens_per_sec', 'bf16_tokens_per_sec', 'loss_fp16_vs_bf16', 'scale'],
                 'dtype_audit': ['ops_forward', 'ops_backward', 'non_bf16_count', 'non_bf16']}
@@ -574,8 +575,9 @@ def sec_checkpoint(c:Check)->dict:
     return rec
 
 def sec_generate(c:Check)->dict:
-    "Rollouts: `generate_ids` (KV cache, batched, sampling) against transformers `generate`, bf16 weights, no EOS."
+    "Rollouts: RLVR's `sample_rollouts` and chat's `generate_ids` (KV cache, batched, sampling) against transformers `generate`, bf16, no EOS."
     from smollm_kit.generate import generate_ids
+    from smollm_kit.rlvr import sample_rollouts
     B, P, N = (4, 8, 8) if c.a.dry_run else (32, 128, 128) if c.a.quick else (64, 128, 256)
     kit = build_kit(c.mc, c.dev)
     dtype = torch.bfloat16 if c.cuda else torch.float32
@@ -585,6 +587,9 @@ def sec_generate(c:Check)->dict:
     def kit_run(n):
         out = generate_ids(kit, prompts.tolist(), max_new_tokens=n, temperature=1.0, top_p=None, eos_id=None, seed=0)
         return sum(len(o) for o in out)
+    def rollout_run(n):                       # the RLVR engine: stop checks on the device, one host sync per 16 tokens
+        r = sample_rollouts(kit, prompts.tolist(), 1, max_new_tokens=n, temperature=1.0, generator=torch.Generator(c.dev).manual_seed(0))
+        return int(r.lengths.sum())
     x = prompts.to(c.dev); mask = torch.ones_like(x)
     hf.generation_config.eos_token_id = None; hf.generation_config.pad_token_id = 0
     def hf_run(n):
@@ -593,11 +598,12 @@ def sec_generate(c:Check)->dict:
                             temperature=1.0, top_k=0, top_p=1.0)
         return (o.shape[1] - P) * B
     rec = dict(batch=B, prompt=P, new_tokens=N)
-    for name, fn in (('kit', kit_run), ('hf', hf_run)):
+    for name, fn in (('rollout', rollout_run), ('kit', kit_run), ('hf', hf_run)):
         fn(4); sync()
         t = time.perf_counter(); n = fn(N); sync(); dt = time.perf_counter() - t
         rec[f'{name}_tokens_per_sec'], rec[f'{name}_generated'] = n / dt, n
     rec['ratio'] = rec['kit_tokens_per_sec'] / rec['hf_tokens_per_sec']
+    rec['rollout_ratio'] = rec['rollout_tokens_per_sec'] / rec['hf_tokens_per_sec']
     return rec
 
 def sec_memory(c:Check)->dict:
