@@ -578,7 +578,8 @@ class CheckpointManager:
         if dist.is_available() and dist.is_initialized(): dist.broadcast_object_list(box, src=0)   # the directory every rank writes into
         if box[0] is None:
             if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
-            if err is not None: raise err if isinstance(err, CheckpointWriteError) else self._failed(step, err, 0) from err
+            if isinstance(err, CheckpointWriteError): raise err       # the disk is full: its own one-line message
+            if err is not None: raise self._failed(step, err, 0) from err
             raise CheckpointWriteError(f"{self.dir}: rank 0 could not start the checkpoint of step {step} (its log says why)")
         tmp = self.dir/box[0]
         try: dcp_save(sharded, storage_writer=FileSystemWriter(str(tmp/SHARDED)))   # returns once every rank's file and the index are written

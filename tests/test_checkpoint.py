@@ -450,3 +450,22 @@ def test_check_resume_compat():
     both = load_config('tiny', {'train.max_steps': 9, 'model.d_model': 64}).to_dict()
     assert check_resume_compat(old, both, force=True) == ['train.max_steps: 150 -> 9 (the LR schedule stretches or shrinks with it)',
                                                           'UNSAFE (forced) model.d_model: 128 -> 64']
+
+
+def test_sharded_save_in_one_process_and_a_full_disk(tmp_path, monkeypatch):
+    "The DCP path of `save(sharded=...)`: a published, verified, mirrored checkpoint read back whole; a full disk leaves the previous one alone."
+    from smollm_kit.checkpoint import DiskFullError, is_sharded, read_sharded, verify_checkpoint
+    w = {'embed_tokens.weight': torch.randn(6, 4), 'norm.weight': torch.rand(4)}
+    m = CheckpointManager(tmp_path/'run', {'every_steps': 1, 'mirror_dir': str(tmp_path/'drive')}, async_save=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        p = m.save(1, None, {'step': 1}, sharded={'model': w, 'optim': {}}, manifest_extra={'tied': {'lm_head.weight': 'embed_tokens.weight'}})
+        m.wait_for_mirror()
+        assert is_sharded(p) and verify_checkpoint(p) is None and not (p/'model.safetensors').exists()
+        got = read_sharded(tmp_path/'drive'/'checkpoints'/p.name)                 # the mirror's copy, whole
+        assert torch.equal(got['embed_tokens.weight'], w['embed_tokens.weight']) and got['lm_head.weight'] is got['embed_tokens.weight']
+        monkeypatch.setattr(shutil, 'disk_usage', lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
+        with pytest.raises(DiskFullError, match='no space left'):
+            m.save(2, None, {'step': 2}, sharded={'model': w, 'optim': {}})
+    assert [q.name for q in (tmp_path/'run'/'checkpoints').iterdir()] == ['step_00000001'] and verify_checkpoint(p) is None
+    m.close()
