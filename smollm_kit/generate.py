@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Iterable, Optional
 import torch
-from .model import SmolLM
+from .model import SmolLM, check_inputs
 
 # %% auto #0
 __all__ = ['sample_next', 'generate_ids', 'TextStream', 'encode_prompt', 'chat_stop_ids', 'generate_text', 'generate',
@@ -78,10 +78,12 @@ def generate_ids(model:SmolLM,
     eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     gen = torch.Generator(dev).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, L + steps) if use_cache else None
+    check_inputs(model.cfg, ids, docs, cache=cache)   # once: sampled tokens are in range by construction
+    last_logits = lambda x, d: model.lm_head(model.hidden(x, d, cache)[:, -1])   # (B, V): the last position only
     x, d = ids, docs
     out, done = [[] for _ in range(B)], [False] * B
     for _ in range(steps):
-        nxt = sample_next(model(x, d, cache=cache)[:, -1], temperature, top_k, top_p, gen)  # (B,)
+        nxt = sample_next(last_logits(x, d), temperature, top_k, top_p, gen)  # (B,); `tolist` below: one host sync per token
         for i, t in enumerate(nxt.tolist()):
             if done[i]: continue
             if t in eos: done[i] = True; continue

@@ -354,15 +354,17 @@ class Trainer:
         for old, new in self.ckpt.quarantine_invalid():   # newer but invalid: renamed aside so no save replaces them
             print(f"checkpoint {old.name} is invalid: kept as {new.name}; resuming from {latest.name}", flush=True)
         if changes and self.dist.is_main: print("config changed since the checkpoint: " + '; '.join(changes), flush=True)
-        self._load_weights(latest, model_state, state)
-        self.load_state_dict(state)
+        done = state['step'] >= self.total_steps        # nothing left to train: only the weights matter, and they reshard
+        self._load_weights(latest, model_state, state, any_world_size=done)
+        if done and state.get('world_size', 1) != self.dist.world_size: self.step, self.tokens = state['step'], state['tokens']
+        else: self.load_state_dict(state)
         self.resumed_from = self.saved_step = self.step
         self.log({'event': 'resume', 'step': self.step, 'tokens': self.tokens, 'path': str(latest), 'config_changes': changes})
         return self.step
 
-    def _load_weights(self, path:Path, model_state:Optional[dict], state:dict):
+    def _load_weights(self, path:Path, model_state:Optional[dict], state:dict, any_world_size:bool=False):
         "The model (and, from shards, the optimizer) of the checkpoint at `path`; resharded to this layout."
-        self._check_world_size(state)             # before any collective
+        if not any_world_size: self._check_world_size(state)   # before any collective
         if model_state is None: load_sharded_state(self.model, self.opt, path)   # every rank reads the pieces it now holds
         else: load_model_state(self.model, model_state)
 

@@ -294,8 +294,13 @@ def test_sft_dpo_rlvr_run_under_fsdp2_as_under_ddp(tmp_path):
 def test_other_world_size_is_refused(suite, name, par):
     "Weights would reshard, each rank's data stream would not: 1 process resuming a 2-rank run is refused, naming the way out."
     out, _ = suite
-    cfg = cfg_for(out/name, **{'train.max_steps': 20, 'checkpoint.every_steps': 3, 'train.parallel': par})
+    cfg = cfg_for(out/name, **{'train.max_steps': 22, 'checkpoint.every_steps': 3, 'train.parallel': par})
     with pytest.raises(ConfigError, match='written by 2 rank.*--init-from'):
         Trainer(cfg, SmolLM(cfg.model), Toy(draw=True)).fit()
+    cfg = cfg_for(out/name, **{'train.max_steps': 20, 'checkpoint.every_steps': 3, 'train.parallel': par})
+    res = Trainer(cfg, SmolLM(cfg.model), Toy(draw=True)).fit()     # finished: "already complete", with its weights
+    from smollm_kit.export import load_model
+    assert res.step == 20 and res.resumed_from == 20
+    for k, v in load_model(out/name)[0].state_dict().items(): assert torch.equal(v, res.model.state_dict()[k]), k
 
 if __name__ == '__main__': worker(sys.argv[1], sys.argv[2])
