@@ -8,7 +8,7 @@
 Each stage is one sub-command: a function `bench_<stage>(args) -> list of table rows` and `add_<stage>_args(parser)`,
 registered in `COMMANDS`. The shared pieces (a pretrained starting point, the run directories, the table) are here.
 Numbers depend on the machine's threads and the seed; the table is the evidence, not a test."""
-import argparse, importlib, math, os, sys, tempfile, time
+import argparse, importlib, math, sys, tempfile, time
 from pathlib import Path
 
 def work_dir(args)->Path:
@@ -16,15 +16,24 @@ def work_dir(args)->Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+def timed(stage:str, cfg):
+    "Run `smollm_kit.<stage>.<stage>(cfg)` and say how long it took."
+    t0 = time.perf_counter()
+    res = getattr(importlib.import_module(f'smollm_kit.{stage}'), stage)(cfg)
+    print(f"{stage} ({cfg.run.name}): {res.step} steps, {res.tokens:,} tokens in {time.perf_counter() - t0:.0f}s -> {res.run_dir}", flush=True)
+    return res
+
+def stage_config(args, run_dir:Path, src:Path):
+    "The benchmarked stage's config: --config in a fresh `run_dir`, starting from `src`, with the --set overrides."
+    from smollm_kit import load_config
+    return load_config(args.config, {'run.run_dir': str(run_dir), 'run.init_from': str(src), 'logging.progress': False,
+                                     'checkpoint.resume': 'never', **overrides(args.set)})
+
 def pretrained_run(args, out:Path)->Path:
     "The run to start from: --pretrained, or a fresh `tiny` pretraining run in `out/pretrain` (reused if finished)."
     if args.pretrained: return Path(args.pretrained)
     from smollm_kit import load_config
-    from smollm_kit.pretrain import pretrain
-    t0 = time.perf_counter()
-    res = pretrain(load_config('tiny', {'run.run_dir': str(out/'pretrain'), 'logging.progress': False}))
-    print(f"pretrained tiny: {res.step} steps in {time.perf_counter() - t0:.0f}s -> {res.run_dir}", flush=True)
-    return res.run_dir
+    return timed('pretrain', load_config('tiny', {'run.run_dir': str(out/'pretrain'), 'logging.progress': False})).run_dir
 
 def overrides(pairs:list[str])->dict:
     from smollm_kit.config import parse_override
@@ -45,15 +54,10 @@ def add_sft_args(p:argparse.ArgumentParser):
 
 def bench_sft(args)->list[tuple]:
     "Pretrain (or reuse) a tiny model, fine-tune it on the demo chat set, compare held-out metrics before and after."
-    from smollm_kit import load_config
-    sft = importlib.import_module('smollm_kit.sft')
     out = work_dir(args)
     pre = pretrained_run(args, out)
-    cfg = load_config(args.config, {'run.run_dir': str(out/'sft'), 'run.init_from': str(pre), 'logging.progress': False,
-                                    'checkpoint.resume': 'never', **overrides(args.set)})
-    t0 = time.perf_counter()
-    res = sft.sft(cfg)
-    print(f"sft: {res.step} steps, {res.tokens:,} tokens in {time.perf_counter() - t0:.0f}s -> {res.run_dir}")
+    cfg = stage_config(args, out/'sft', pre)
+    res = timed('sft', cfg)
     b, a = res.first_eval, res.metrics
     keys = ['val/exact_match', 'val/format_acc', 'val/loss'] + sorted(k for k in a if k.startswith(('val/exact_match/', 'val/format_acc/')))
     rows = [(k, b.get(k), a.get(k)) for k in keys if k in a]
@@ -73,25 +77,16 @@ def sft_run(args, out:Path)->Path:
     from smollm_kit import load_config
     from smollm_kit.export import find_valid
     if find_valid(out/'sft') is not None: return out/'sft'
-    sft = importlib.import_module('smollm_kit.sft')
     pre = pretrained_run(args, out)
-    t0 = time.perf_counter()
-    res = sft.sft(load_config('sft-tiny', {'run.run_dir': str(out/'sft'), 'run.init_from': str(pre), 'logging.progress': False}))
-    print(f"sft-tiny: {res.step} steps in {time.perf_counter() - t0:.0f}s -> {res.run_dir}", flush=True)
-    return res.run_dir
+    return timed('sft', load_config('sft-tiny', {'run.run_dir': str(out/'sft'), 'run.init_from': str(pre), 'logging.progress': False})).run_dir
 
 def bench_rlvr(args)->list[tuple]:
     "RLVR on the offline arithmetic demo from an SFT/DPO demo model: held-out greedy pass@1 before and after."
-    from smollm_kit import load_config
     from smollm_kit.monitor import read_metrics
-    rlvr = importlib.import_module('smollm_kit.rlvr')
     out = work_dir(args)
     src = sft_run(args, out)
-    cfg = load_config(args.config, {'run.run_dir': str(out/'rlvr'), 'run.init_from': str(src), 'logging.progress': False,
-                                    'checkpoint.resume': 'never', **overrides(args.set)})
-    t0 = time.perf_counter()
-    res = rlvr.rlvr(cfg)
-    print(f"rlvr: {res.step} steps in {time.perf_counter() - t0:.0f}s -> {res.run_dir}")
+    cfg = stage_config(args, out/'rlvr', src)
+    res = timed('rlvr', cfg)
     b, a = res.first_eval, res.metrics
     rows = [(k, b.get(k), a.get(k)) for k in ('val/pass@1', 'val/reward', 'val/completion_len') if k in a]
     r = [x['train/reward'] for x in read_metrics(res.run_dir)[0] if 'train/reward' in x]
@@ -131,8 +126,7 @@ def bench_dpo(args)->list[tuple]:
     dpo, sft = importlib.import_module('smollm_kit.dpo'), importlib.import_module('smollm_kit.sft')
     out = work_dir(args)
     src = sft_run(args, out)
-    cfg = load_config(args.config, {'run.run_dir': str(out/'dpo'), 'run.init_from': str(src), 'logging.progress': False,
-                                    'checkpoint.resume': 'never', **overrides(args.set)})
+    cfg = stage_config(args, out/'dpo', src)
     _, val = dpo.demo_preferences(cfg.dpo.demo_pairs, cfg.dpo.val_examples, cfg.run.seed)   # what the stage holds out
     chats = [r for _, r in sft.sft_records(load_config('sft-tiny'))[1] if r.get('answer')]
     def measure(path):
@@ -142,9 +136,7 @@ def bench_dpo(args)->list[tuple]:
         rm, _ = sft.reply_metrics(model, tok, chats, max_new_tokens=32)
         return {**m, 'SFT demo val/exact_match': rm['val/exact_match'], 'SFT demo val/format_acc': rm['val/format_acc']}
     before = measure(src)
-    t0 = time.perf_counter()
-    res = dpo.dpo(cfg)
-    print(f"dpo: {res.step} steps, {res.tokens:,} tokens in {time.perf_counter() - t0:.0f}s -> {res.run_dir}")
+    res = timed('dpo', cfg)
     after = measure(res.run_dir)
     rows = [(k, before[k], after[k]) for k in before]
     # implicit rewards are 0 for every pair before the first step (policy == reference): no "before" to compare

@@ -297,23 +297,22 @@ def sharded_shapes(path:Path, prefix:str='model')->dict[str, torch.Tensor]:
     if prefix == 'model': out.update({a: out[k] for a, k in read_manifest(path).get('tied', {}).items() if k in out})
     return out
 
-def load_sharded(state:dict, path:Path):
-    "Fill `state` (this rank's tensors or DTensor shards) in place from the sharded checkpoint at `path`; a collective when a process group is up."
+def load_sharded(state:dict, path:Path,
+                 alone:bool|None=None, # read in this process only (default: when no process group is up)
+                ):
+    "Fill `state` (this rank's tensors or DTensor shards) in place from the sharded checkpoint at `path`; a collective unless `alone`."
     import torch.distributed as dist, torch.distributed.checkpoint as dcp
-    alone = not (dist.is_available() and dist.is_initialized())
+    if alone is None: alone = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')   # one process is what we mean
         dcp.load(state, storage_reader=_reader(Path(path)/SHARDED), no_dist=alone)
 
 def read_sharded(path:Path, prefix:str='model')->dict[str, torch.Tensor]:
     "The tensors under `prefix` of the sharded checkpoint at `path`, whole and on the CPU, in this process alone; tied aliases restored."
-    import torch.distributed.checkpoint as dcp
     shapes = sharded_shapes(path, prefix)
     tied = {a: k for a, k in read_manifest(path).get('tied', {}).items() if a in shapes} if prefix == 'model' else {}
     sd = {prefix: {k: torch.empty(t.shape, dtype=t.dtype) for k, t in shapes.items() if k not in tied}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-        dcp.load(sd, storage_reader=_reader(Path(path)/SHARDED), no_dist=True)
+    load_sharded(sd, path, alone=True)   # whole tensors: nothing to share with other ranks, even under torchrun
     out = sd[prefix]
     for alias, kept in tied.items(): out[alias] = out[kept]
     return {k: out[k] for k in shapes}
